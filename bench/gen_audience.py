@@ -1,0 +1,89 @@
+"""Write a synthetic French audience (CSV with ';', or JSONL) of N rows, deterministic per seed.
+
+    python bench/gen_audience.py 1000000 /tmp/audience.csv [--seed 1] [--invalid 0.001]
+
+Columns: numero_assure;prenom;nom;age;phone;email;push_token;date_limite. Phones come in the usual
+French spellings (06 12 34 56 78, +33 6..., 07.xx...), some rows lack a phone, an email or a token,
+and ``--invalid`` is the share of rows with a malformed phone or email.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import unicodedata
+from pathlib import Path
+
+FIRST = ["Jean", "Marie", "Hélène", "Françoise", "Jérôme", "Chloé", "Benoît", "Zoé", "Léa", "Noël",
+         "Gaëlle", "Michel", "Anne", "Pierre", "Sophie", "Raphaël", "Inès", "Océane", "Loïc", "Maëlle"]
+LAST = ["Martin", "Bernard", "Dubois", "Thomas", "Robert", "Petit", "Durand", "Leroy", "Moreau",
+        "Simon", "Lefèvre", "Fontaine", "Rousseau", "Garçon", "Bœuf", "Girard", "André", "Mercier"]
+DOMAINS = ["exemple.fr", "courriel.example", "mail.example.org", "example.com"]
+
+
+def phone(rng: random.Random) -> str:
+    digits = f"{rng.choice('67')}{rng.randrange(10**8):08d}"
+    if digits[0] == "6" and digits[1:3] == "39":  # 0639 is not an assigned mobile range
+        digits = "61" + digits[2:]
+    if digits[0] == "7" and digits[1] in "012":  # 070-072 are not assigned either
+        digits = "77" + digits[2:]
+    style = rng.randrange(4)
+    if style == 0:
+        return "0" + digits
+    if style == 1:
+        return "0" + " ".join([digits[0]] + [digits[i : i + 2] for i in range(1, 9, 2)])
+    if style == 2:  # noqa: PLR2004
+        return "+33" + digits
+    return "0" + ".".join([digits[0:1] + digits[1:2]] + [digits[i : i + 2] for i in range(2, 9, 2)])
+
+
+def row(i: int, rng: random.Random, invalid: float) -> dict[str, str]:
+    first, last = rng.choice(FIRST), rng.choice(LAST)
+    has = rng.random()
+    tel = phone(rng) if has < 0.85 else ""
+    mail = f"{first.lower()}.{last.lower()}{i}@{rng.choice(DOMAINS)}" if rng.random() < 0.7 else ""
+    mail = unicodedata.normalize("NFKD", mail).encode("ascii", "ignore").decode() if mail else ""
+    token = f"fcm:{rng.getrandbits(128):032x}" if rng.random() < 0.3 else ""
+    if rng.random() < invalid:
+        if rng.random() < 0.5:
+            tel = "06 12 34"
+        else:
+            mail = f"{first.lower()}.{last.lower()}@"
+    day = rng.randrange(1, 29)
+    return {
+        "numero_assure": f"{1_000_000_000 + i}",
+        "prenom": first,
+        "nom": last,
+        "age": str(rng.randrange(18, 99)),
+        "phone": tel,
+        "email": mail,
+        "push_token": token,
+        "date_limite": f"2026-12-{day:02d}",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("rows", type=int)
+    ap.add_argument("path", type=Path)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--invalid", type=float, default=0.0)
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    columns = ["numero_assure", "prenom", "nom", "age", "phone", "email", "push_token", "date_limite"]
+    with args.path.open("w", encoding="utf-8", newline="") as f:
+        if args.path.suffix == ".jsonl":
+            for i in range(args.rows):
+                f.write(json.dumps(row(i, rng, args.invalid), ensure_ascii=False) + "\n")
+        else:
+            f.write(";".join(columns) + "\n")
+            for i in range(args.rows):
+                r = row(i, rng, args.invalid)
+                f.write(";".join(r[c] for c in columns) + "\n")
+    sys.stderr.write(f"wrote {args.rows:,} rows to {args.path}\n")
+
+
+if __name__ == "__main__":
+    main()

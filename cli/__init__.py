@@ -1,0 +1,1 @@
+"""The ``smartpush`` command line."""

@@ -1,0 +1,130 @@
+"""The bodies of the commands: load, call the core, hand the result to :mod:`.output`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib.resources import as_file, files
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from smartpush.config import Config, load_config
+from smartpush.errors import ConfigError, SmartpushError
+from smartpush.loading import PreparedCampaign, load_campaign
+
+from . import output
+from .main import EXIT_INVALID
+
+if TYPE_CHECKING:
+    from .main import State
+
+
+@contextmanager
+def reporting(state: State) -> Iterator[None]:
+    """Turn a :class:`SmartpushError` into its report and exit code."""
+    try:
+        yield
+    except SmartpushError as exc:
+        output.error(exc, as_json=state.json)
+        raise SystemExit(exc.exit_code) from None
+
+
+def _config(state: State) -> Config:
+    config = load_config(state.config)
+    return config
+
+
+def _prepare(state: State, campaign: Path) -> PreparedCampaign:
+    config = _config(state)
+    prepared = load_campaign(campaign, config)
+    if not state.json:
+        output.warnings(prepared.warnings)
+    return prepared
+
+
+def init(state: State, directory: Path, force: bool) -> None:
+    with reporting(state):
+        written: list[str] = []
+        skeleton = files("smartpush.examples")
+        layouts = files("smartpush.layouts")
+        with as_file(skeleton) as src, as_file(layouts) as lay:
+            sources: list[tuple[Path, Path]] = []
+            for path in sorted(Path(src).rglob("*")):
+                rel = path.relative_to(src)
+                if path.is_file() and not _skip(rel):
+                    sources.append((path, directory / rel))
+            for path in sorted(Path(lay).rglob("*")):
+                rel = path.relative_to(lay)
+                if path.is_file() and not _skip(rel):
+                    sources.append((path, directory / "templates" / rel))
+            clashes = [str(dst) for _, dst in sources if dst.exists()]
+            if clashes and not force:
+                raise ConfigError(
+                    f"{len(clashes)} file(s) already exist in {directory}, e.g. {clashes[0]}; "
+                    "choose an empty folder or add --force to overwrite them"
+                )
+            for src_file, dst in sources:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src_file, dst)
+                written.append(str(dst))
+        output.initialised(directory, written, as_json=state.json)
+
+
+def _skip(rel: Path) -> bool:
+    return rel.name == "__init__.py" or "__pycache__" in rel.parts
+
+
+def validate(state: State, campaign: Path) -> None:
+    from smartpush.planning import make_plan  # noqa: PLC0415
+
+    with reporting(state):
+        prepared = _prepare(state, campaign)
+        result = make_plan(prepared)
+    output.validated(result, as_json=state.json)
+    if result.has_invalid:
+        raise SystemExit(EXIT_INVALID)
+
+
+def plan(state: State, campaign: Path, limit: int) -> None:
+    from smartpush.planning import make_plan  # noqa: PLC0415
+
+    with reporting(state):
+        prepared = _prepare(state, campaign)
+        result = make_plan(prepared)
+    output.plan(result, prepared, as_json=state.json, limit=limit)
+    if result.has_invalid:
+        raise SystemExit(EXIT_INVALID)
+
+
+def preview(state: State, campaign: Path, recipients: list[str], sample: int, show_addresses: bool) -> None:
+    from smartpush.recipients import Evaluator, RecipientOutcome  # noqa: PLC0415
+
+    with reporting(state):
+        prepared = _prepare(state, campaign)
+        evaluator = Evaluator(prepared, render="all", keep_data=True)
+        wanted = set(recipients)
+        found: list[RecipientOutcome] = []
+        for outcome in evaluator:
+            if wanted:
+                if outcome.recipient_id in wanted and outcome.kind != "duplicate":
+                    found.append(outcome)
+                    wanted.discard(outcome.recipient_id)
+                    if not wanted:
+                        break
+            elif outcome.kind == "recipient" and any(c.status == "send" for c in outcome.channels):
+                found.append(outcome)
+                if len(found) >= sample:
+                    break
+        if wanted:
+            raise ConfigError(
+                f"no row of {prepared.campaign.audience.source} has the id(s) you asked for "
+                f"(column '{prepared.campaign.audience.id}'); {len(wanted)} not found"
+            )
+    mask: Callable[[str], str] = (lambda a: a) if show_addresses else output.mask
+    output.preview(prepared, found, mask=mask, as_json=state.json)
+
+
+def dump(data: object) -> str:
+    return json.dumps(data, ensure_ascii=False, indent=2, default=str)

@@ -1,0 +1,1 @@
+"""Provider drivers, found by the core through the ``smartpush.providers`` entry points."""

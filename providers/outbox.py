@@ -1,0 +1,83 @@
+"""``outbox``: writes each message to a local folder instead of sending it (demos, staging, audits).
+
+Files land in ``PATH/RUN_ID/CHANNEL/MESSAGE_ID``: ``.eml`` with the exact RFC 5322 bytes an SMTP
+server would receive for email, ``.json`` with ``to``, ``body`` (and ``title``, ``data`` for push)
+for SMS and push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any, ClassVar
+
+from smartpush.provider import (
+    Channel,
+    OutboundMessage,
+    Provider,
+    ProviderOptions,
+    SendResult,
+    SmsProviderOptions,
+)
+
+
+class OutboxOptions(SmsProviderOptions):
+    """An outbox account: ``path`` is relative to the project folder; SMS options work as for real SMS."""
+
+    path: str = "outbox"
+
+
+class OutboxProvider(Provider):
+    """Writes messages to files; serves every channel."""
+
+    channels: ClassVar[frozenset[Channel]] = frozenset(Channel)
+    Options: ClassVar[type[ProviderOptions]] = OutboxOptions
+
+    def __init__(self, account: str, options: ProviderOptions, **context: Any) -> None:
+        super().__init__(account, options, **context)
+        assert isinstance(options, OutboxOptions)  # noqa: S101 - the registry guarantees it
+        base = Path(context.get("project_dir", "."))
+        self.root = base / options.path
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        folder = self.root / message.run_id / message.channel.value
+        if message.channel is Channel.EMAIL:
+            path, payload = folder / f"{message.message_id}.eml", build_email(message)
+        else:
+            record: dict[str, Any] = {"to": message.to, "body": message.body}
+            if message.channel is Channel.PUSH:
+                record.update(title=message.title, data=message.data)
+            elif message.sender:
+                record["from"] = message.sender
+            path = folder / f"{message.message_id}.json"
+            payload = json.dumps(record, ensure_ascii=False, indent=2).encode()
+        await asyncio.to_thread(_write, path, payload)
+        return SendResult(provider_reference=f"outbox:{message.message_id}")
+
+
+def build_email(message: OutboundMessage) -> bytes:
+    """The RFC 5322 bytes of an email message: text, or text + HTML as multipart/alternative."""
+    msg = EmailMessage(policy=SMTP)
+    msg["From"] = message.sender or ""
+    msg["To"] = message.to
+    msg["Subject"] = message.subject or ""
+    msg["Date"] = formatdate(localtime=False)
+    msg["Message-ID"] = make_msgid(idstring=message.message_id)
+    for name, value in message.headers.items():
+        msg[name] = value
+    msg.set_content(message.body or "")
+    if message.html:
+        msg.add_alternative(message.html, subtype="html")
+    return msg.as_bytes()
+
+
+def _write(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
