@@ -16,25 +16,68 @@ import sys
 import unicodedata
 from pathlib import Path
 
-FIRST = ["Jean", "Marie", "Hélène", "Françoise", "Jérôme", "Chloé", "Benoît", "Zoé", "Léa", "Noël",
-         "Gaëlle", "Michel", "Anne", "Pierre", "Sophie", "Raphaël", "Inès", "Océane", "Loïc", "Maëlle"]
-LAST = ["Martin", "Bernard", "Dubois", "Thomas", "Robert", "Petit", "Durand", "Leroy", "Moreau",
-        "Simon", "Lefèvre", "Fontaine", "Rousseau", "Garçon", "Bœuf", "Girard", "André", "Mercier"]
+FIRST = [
+    "Jean",
+    "Marie",
+    "Hélène",
+    "Françoise",
+    "Jérôme",
+    "Chloé",
+    "Benoît",
+    "Zoé",
+    "Léa",
+    "Noël",
+    "Gaëlle",
+    "Michel",
+    "Anne",
+    "Pierre",
+    "Sophie",
+    "Raphaël",
+    "Inès",
+    "Océane",
+    "Loïc",
+    "Maëlle",
+]
+LAST = [
+    "Martin",
+    "Bernard",
+    "Dubois",
+    "Thomas",
+    "Robert",
+    "Petit",
+    "Durand",
+    "Leroy",
+    "Moreau",
+    "Simon",
+    "Lefèvre",
+    "Fontaine",
+    "Rousseau",
+    "Garçon",
+    "Bœuf",
+    "Girard",
+    "André",
+    "Mercier",
+]
 DOMAINS = ["exemple.fr", "courriel.example", "mail.example.org", "example.com"]
 
 
+#: Assigned French mobile ranges (06 and 07), as in phonenumbers' metadata for FR.
+MOBILE_PREFIXES = [f"6{d}" for d in "01245678"] + ["63", "69"] + [f"7{d}" for d in "3456789"]
+
+
 def phone(rng: random.Random) -> str:
-    digits = f"{rng.choice('67')}{rng.randrange(10**8):08d}"
-    if digits[0] == "6" and digits[1:3] == "39":  # 0639 is not an assigned mobile range
-        digits = "61" + digits[2:]
-    if digits[0] == "7" and digits[1] in "012":  # 070-072 are not assigned either
-        digits = "77" + digits[2:]
+    prefix = rng.choice(MOBILE_PREFIXES)
+    if prefix == "63":
+        prefix += rng.choice("012345678")
+    elif prefix == "69":
+        prefix += rng.choice("589")
+    digits = prefix + f"{rng.randrange(10**8):08d}"[: 9 - len(prefix)]
     style = rng.randrange(4)
     if style == 0:
         return "0" + digits
     if style == 1:
         return "0" + " ".join([digits[0]] + [digits[i : i + 2] for i in range(1, 9, 2)])
-    if style == 2:  # noqa: PLR2004
+    if style == 2:
         return "+33" + digits
     return "0" + ".".join([digits[0:1] + digits[1:2]] + [digits[i : i + 2] for i in range(2, 9, 2)])
 

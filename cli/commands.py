@@ -77,7 +77,7 @@ def _skip(rel: Path) -> bool:
 
 
 def validate(state: State, campaign: Path) -> None:
-    from smartpush.planning import make_plan  # noqa: PLC0415
+    from smartpush.planning import make_plan
 
     with reporting(state):
         prepared = _prepare(state, campaign)
@@ -88,7 +88,7 @@ def validate(state: State, campaign: Path) -> None:
 
 
 def plan(state: State, campaign: Path, limit: int) -> None:
-    from smartpush.planning import make_plan  # noqa: PLC0415
+    from smartpush.planning import make_plan
 
     with reporting(state):
         prepared = _prepare(state, campaign)
@@ -99,7 +99,7 @@ def plan(state: State, campaign: Path, limit: int) -> None:
 
 
 def preview(state: State, campaign: Path, recipients: list[str], sample: int, show_addresses: bool) -> None:
-    from smartpush.recipients import Evaluator, RecipientOutcome  # noqa: PLC0415
+    from smartpush.recipients import Evaluator, RecipientOutcome
 
     with reporting(state):
         prepared = _prepare(state, campaign)

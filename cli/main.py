@@ -87,7 +87,7 @@ def init(state: State, directory: Path, force: bool) -> None:
     with push, SMS and email channels, templates with an accessible email layout, and a synthetic
     audience of a few hundred people.
     """
-    from . import commands  # noqa: PLC0415 - keep --help light
+    from . import commands
 
     commands.init(state, directory, force)
 
@@ -103,36 +103,54 @@ def validate(state: State, campaign: Path) -> None:
     audience has, then reads every row of the audience. Lists every problem at once, with file, line
     and field; exits 1 if there is any.
     """
-    from . import commands  # noqa: PLC0415
+    from . import commands
 
     commands.validate(state, campaign)
 
 
 @cli.command()
 @click.argument("campaign", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--recipient", "recipient", metavar="ID", multiple=True,
-              help="Show the messages of this recipient id (repeat for several).")
-@click.option("--sample", type=click.IntRange(1, 100), default=3, show_default=True,
-              help="Show the messages of the first N recipients.")
-@click.option("--show-addresses", is_flag=True,
-              help="Show phone numbers, emails and tokens in full instead of masked.")
+@click.option(
+    "--recipient",
+    "recipient",
+    metavar="ID",
+    multiple=True,
+    help="Show the messages of this recipient id (repeat for several).",
+)
+@click.option(
+    "--sample",
+    type=click.IntRange(1, 100),
+    default=3,
+    show_default=True,
+    help="Show the messages of the first N recipients.",
+)
+@click.option(
+    "--show-addresses", is_flag=True, help="Show phone numbers, emails and tokens in full instead of masked."
+)
 @common
 @click.pass_obj
-def preview(state: State, campaign: Path, recipient: tuple[str, ...], sample: int, show_addresses: bool) -> None:
+def preview(
+    state: State, campaign: Path, recipient: tuple[str, ...], sample: int, show_addresses: bool
+) -> None:
     """Render the messages of CAMPAIGN for real rows of its audience.
 
     For SMS it shows the encoding (GSM-7 or UCS-2), the characters and parts, and which characters
     forced UCS-2. Addresses are masked unless --show-addresses.
     """
-    from . import commands  # noqa: PLC0415
+    from . import commands
 
     commands.preview(state, campaign, list(recipient), sample, show_addresses)
 
 
 @cli.command()
 @click.argument("campaign", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--limit", type=click.IntRange(0), default=50, show_default=True,
-              help="Invalid rows listed in the table output (all of them with --json or --limit 0).")
+@click.option(
+    "--limit",
+    type=click.IntRange(0),
+    default=50,
+    show_default=True,
+    help="Invalid rows listed in the table output (all of them with --json or --limit 0).",
+)
 @common
 @click.pass_obj
 def plan(state: State, campaign: Path, limit: int) -> None:
@@ -141,7 +159,7 @@ def plan(state: State, campaign: Path, limit: int) -> None:
     Shows recipients per channel and provider, invalid rows with their line numbers, duplicates, SMS
     parts and cost, segments, and the duration the rate limits impose. Exits 1 if any row is invalid.
     """
-    from . import commands  # noqa: PLC0415
+    from . import commands
 
     commands.plan(state, campaign, limit)
 

@@ -156,24 +156,38 @@ def plan(p: Plan, prepared: PreparedCampaign, *, as_json: bool, limit: int) -> N
         f"reachable on no channel {p.unreachable:,}"
     )
     table = Table(show_edge=False)
-    for col, justify in (("channel", "left"), ("provider", "left"), ("to send", "right"),
-                         ("fallback", "right"), ("no address", "right"), ("invalid", "right")):
+    for col, justify in (
+        ("channel", "left"),
+        ("provider", "left"),
+        ("to send", "right"),
+        ("fallback", "right"),
+        ("no address", "right"),
+        ("invalid", "right"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for c in p.channels:
-        table.add_row(c.channel, " → ".join(c.providers), f"{c.send:,}", f"{c.fallback:,}",
-                      f"{c.skipped:,}", f"{c.invalid:,}")
+        table.add_row(
+            c.channel,
+            " → ".join(c.providers),
+            f"{c.send:,}",
+            f"{c.fallback:,}",
+            f"{c.skipped:,}",
+            f"{c.invalid:,}",
+        )
     out.print(table)
     for c in p.channels:
         if c.channel != "sms" or not c.send:
             continue
         enc = ", ".join(f"{k} {v:,}" for k, v in sorted(c.by_encoding.items()))
-        line = f"SMS: {c.send:,} messages, {c.sms_parts:,} parts ({enc})"
+        summary = f"SMS: {c.send:,} messages, {c.sms_parts:,} parts ({enc})"
         if c.cost is not None:
-            line += f"; estimated cost {c.cost:,.2f}"
-        out.print(line)
+            summary += f"; estimated cost {c.cost:,.2f} (parts × price_per_part)"
+        out.print(summary)
         if c.forced_ucs2:
             chars = ", ".join(f"'{ch}' ×{n:,}" for ch, n in c.forced_ucs2.most_common(10))
-            out.print(f"  characters that forced UCS-2 (70 characters a part instead of 160): {escape(chars)}")
+            out.print(
+                f"  characters that forced UCS-2 (70 characters a part instead of 160): {escape(chars)}"
+            )
             if not prepared.campaign.sms.transliterate:
                 out.print("  sms.transliterate: true in the campaign would replace the French ones")
         if c.transliterated:
@@ -185,24 +199,37 @@ def plan(p: Plan, prepared: PreparedCampaign, *, as_json: bool, limit: int) -> N
     for pl in p.providers:
         rate = f"at {pl.rate}" if pl.rate else "no rate limit set"
         quota = f", daily quota {pl.daily_quota:,}" if pl.daily_quota else ""
-        out.print(f"  {escape(pl.account)}: {pl.units:,} {pl.unit} {rate}{quota} → {human_duration(pl.duration)}")
+        out.print(
+            f"  {escape(pl.account)}: {pl.units:,} {pl.unit} {rate}{quota} → {human_duration(pl.duration)}"
+        )
     out.print(f"Estimated duration: {human_duration(p.duration)} (send windows not counted)")
     for line, first in p.duplicates[: limit or None]:
         out.print(f"  [yellow]duplicate[/] line {line}: same recipient id as line {first}; sent once")
     _invalid_table(p, limit)
-    status = "[red]invalid rows found: fix them or they will not be sent[/]" if p.has_invalid else "[green]ok[/]"
+    status = (
+        "[red]invalid rows found: fix them or they will not be sent[/]" if p.has_invalid else "[green]ok[/]"
+    )
     out.print(f"Planned in {p.elapsed_s:.1f} s. {status}")
 
 
 def validated(p: Plan, *, as_json: bool) -> None:
     if as_json:
-        _json({"ok": not p.has_invalid, "campaign": p.campaign, "rows": p.rows, "recipients": p.recipients,
-               "duplicates": [{"line": a, "first_line": b} for a, b in p.duplicates],
-               "invalid_rows": [_entry(e) for e in p.invalid_rows],
-               "invalid_messages": [_entry(e) for e in p.invalid_messages]})
+        _json(
+            {
+                "ok": not p.has_invalid,
+                "campaign": p.campaign,
+                "rows": p.rows,
+                "recipients": p.recipients,
+                "duplicates": [{"line": a, "first_line": b} for a, b in p.duplicates],
+                "invalid_rows": [_entry(e) for e in p.invalid_rows],
+                "invalid_messages": [_entry(e) for e in p.invalid_messages],
+            }
+        )
         return
     for line, first in p.duplicates:
-        out.print(f"[yellow]duplicate[/] {escape(p.audience)}:{line}: same recipient id as line {first}; sent once")
+        out.print(
+            f"[yellow]duplicate[/] {escape(p.audience)}:{line}: same recipient id as line {first}; sent once"
+        )
     for e in sorted([*p.invalid_rows, *p.invalid_messages], key=lambda e: e.line):
         where = f"{e.channel}: " if e.channel else ""
         out.print(f"[red]✗[/] {escape(p.audience)}:{e.line}: {where}{escape(e.reason)}")
@@ -210,7 +237,9 @@ def validated(p: Plan, *, as_json: bool) -> None:
         n = len(p.invalid_rows) + len(p.invalid_messages)
         out.print(f"[red]{p.campaign}: {n:,} invalid row(s) or message(s) in {p.rows:,} rows[/]")
     else:
-        out.print(f"[green]✓[/] {escape(p.campaign)} is valid: {p.recipients:,} recipients, {p.messages:,} messages")
+        out.print(
+            f"[green]✓[/] {escape(p.campaign)} is valid: {p.recipients:,} recipients, {p.messages:,} messages"
+        )
 
 
 def mask(address: str) -> str:
@@ -223,8 +252,9 @@ def mask(address: str) -> str:
     return f"{address[:4]}…{address[-4:]}" if len(address) > 12 else "****"  # noqa: PLR2004
 
 
-def preview(prepared: PreparedCampaign, found: list[RecipientOutcome], *, mask: Callable[[str], str],
-            as_json: bool) -> None:
+def preview(
+    prepared: PreparedCampaign, found: list[RecipientOutcome], *, mask: Callable[[str], str], as_json: bool
+) -> None:
     if as_json:
         _json({"campaign": prepared.name, "recipients": [_preview_dict(o, mask) for o in found]})
         return
@@ -245,8 +275,11 @@ def preview(prepared: PreparedCampaign, found: list[RecipientOutcome], *, mask: 
             if ch.rendered is None:
                 out.print(f"  {head}")
                 continue
-            body = "\n".join(f"[dim]{name}:[/] {escape(text)}" for name, text in ch.rendered.fields.items()
-                             if name != "html")
+            body = "\n".join(
+                f"[dim]{name}:[/] {escape(text)}"
+                for name, text in ch.rendered.fields.items()
+                if name != "html"
+            )
             if "html" in ch.rendered.fields:
                 body += f"\n[dim]html:[/] {len(ch.rendered.fields['html']):,} characters of HTML"
             sms = ch.rendered.sms
@@ -263,16 +296,30 @@ def preview(prepared: PreparedCampaign, found: list[RecipientOutcome], *, mask: 
 def _preview_dict(o: RecipientOutcome, mask: Callable[[str], str]) -> dict[str, Any]:
     channels = []
     for ch in o.channels:
-        item: dict[str, Any] = {"channel": str(ch.channel.channel), "providers": ch.channel.providers,
-                                "status": ch.status, "to": mask(ch.address) if ch.address else None,
-                                "reason": ch.reason}
+        item: dict[str, Any] = {
+            "channel": str(ch.channel.channel),
+            "providers": ch.channel.providers,
+            "status": ch.status,
+            "to": mask(ch.address) if ch.address else None,
+            "reason": ch.reason,
+        }
         if ch.rendered is not None:
             item["content"] = ch.rendered.fields
             sms = ch.rendered.sms
             if sms is not None:
-                item["sms"] = {"encoding": str(sms.encoding), "characters": sms.characters, "units": sms.units,
-                               "parts": sms.parts, "non_gsm": list(sms.non_gsm),
-                               "replaced": [list(r) for r in sms.replaced]}
+                item["sms"] = {
+                    "encoding": str(sms.encoding),
+                    "characters": sms.characters,
+                    "units": sms.units,
+                    "parts": sms.parts,
+                    "non_gsm": list(sms.non_gsm),
+                    "replaced": [list(r) for r in sms.replaced],
+                }
         channels.append(item)
-    return {"recipient_id": o.recipient_id, "line": o.line, "kind": o.kind, "reason": o.reason,
-            "channels": channels}
+    return {
+        "recipient_id": o.recipient_id,
+        "line": o.line,
+        "kind": o.kind,
+        "reason": o.reason,
+        "channels": channels,
+    }

@@ -43,7 +43,9 @@ DEFAULT_MAX_SMS_PARTS = 6
 MAX_SMS_PARTS = 10
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
-_DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+ALL_DAYS: tuple[Day, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_DAYS: list[str] = list(ALL_DAYS)
 _HOURS = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
 
@@ -159,9 +161,7 @@ def _days(value: Any) -> Any:
 class Window(_Model):
     """When sending is allowed; outside it messages wait."""
 
-    days: Annotated[list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]], BeforeValidator(_days)] = (
-        Field(default_factory=lambda: list(_DAYS))
-    )
+    days: Annotated[list[Day], BeforeValidator(_days)] = Field(default_factory=lambda: list(ALL_DAYS))
     hours: str = "00:00-24:00"
     timezone: str = "Europe/Paris"
     #: Public holidays on which nothing is sent (a country code such as FR), or none.
@@ -207,7 +207,9 @@ def _when(value: Any) -> Any:
         try:
             return datetime.fromisoformat(text) if ("T" in text or " " in text) else date.fromisoformat(text)
         except ValueError:
-            raise ValueError(f"'{value}' is not a date; write 2026-12-15 or 2026-12-01T09:00:00+01:00") from None
+            raise ValueError(
+                f"'{value}' is not a date; write 2026-12-15 or 2026-12-01T09:00:00+01:00"
+            ) from None
     return value
 
 
@@ -226,10 +228,10 @@ class Schedule(_Model):
             raise ValueError(f"'{value}' is not a cron expression; write five fields, e.g. \"0 9 * * mon\"")
         return value
 
-    @field_validator("at")
+    @field_validator("at", "not_after")
     @classmethod
-    def _aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
+    def _aware(cls, value: date | None) -> date | None:
+        if isinstance(value, datetime) and value.tzinfo is None:
             raise ValueError("give the time zone offset, e.g. 2026-12-01T09:00:00+01:00")
         return value
 

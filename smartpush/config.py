@@ -29,7 +29,6 @@ __all__ = ["CONFIG_FILE", "Config", "Settings", "load_config"]
 
 CONFIG_FILE = "smartpush.yaml"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_SECRET_NAMES = ("password", "token", "secret", "key", "auth")
 
 #: Used when there is no smartpush.yaml: everything runs in-process and writes to ./outbox.
 EMBEDDED_DEFAULTS = """\
@@ -70,7 +69,7 @@ class Settings(BaseModel):
     @field_validator("region")
     @classmethod
     def _region(cls, value: str) -> str:
-        import phonenumbers  # noqa: PLC0415 - heavy; only when a config is read
+        import phonenumbers
 
         if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError(f"'{value}' is not a region code; write a two-letter code such as FR or BE")
@@ -112,8 +111,14 @@ class Config:
         return path.read_text().strip().encode()
 
 
-def _expand(data: Any, path: tuple[PathPart, ...], env: Mapping[str, str], locs: Locations,
-            problems: list[Problem], from_env: set[tuple[PathPart, ...]]) -> Any:
+def _expand(
+    data: Any,
+    path: tuple[PathPart, ...],
+    env: Mapping[str, str],
+    locs: Locations,
+    problems: list[Problem],
+    from_env: set[tuple[PathPart, ...]],
+) -> Any:
     if isinstance(data, dict):
         return {k: _expand(v, (*path, k), env, locs, problems, from_env) for k, v in data.items()}
     if isinstance(data, list):
@@ -173,6 +178,8 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
     for key, var in (("broker", "SMARTPUSH_BROKER_URL"), ("database", "SMARTPUSH_DATABASE_URL")):
         if env.get(var):
             data[key] = env[var]
+    if problems:  # validating the empty stand-ins of missing variables would only add noise
+        raise ConfigError(problems)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
@@ -182,8 +189,11 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
     accounts: dict[str, ProviderOptions] = {}
     warnings: list[Problem] = []
     if settings.secret_key is not None and ("secret_key",) not in from_env:
-        warnings.append(locs.problem("secret_key is written in the file; read it from ${SMARTPUSH_SECRET_KEY}",
-                                     ("secret_key",)))
+        warnings.append(
+            locs.problem(
+                "secret_key is written in the file; read it from ${SMARTPUSH_SECRET_KEY}", ("secret_key",)
+            )
+        )
     for name, options in settings.providers.items():
         where: tuple[PathPart, ...] = ("providers", name)
         if not isinstance(options, dict):
@@ -191,16 +201,23 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
             continue
         kind = options.get("type")
         if not isinstance(kind, str):
-            problems.append(locs.problem(
-                f"the account needs a 'type:' (one of: {', '.join(registry.available())})", where))
+            problems.append(
+                locs.problem(
+                    f"the account needs a 'type:' (one of: {', '.join(registry.available())})", where
+                )
+            )
             continue
         try:
             model = registry.driver(kind).Options
         except ConfigError:
             hint = did_you_mean(kind, registry.available())
-            problems.append(locs.problem(
-                f"unknown provider type '{kind}'{hint}; installed drivers: {', '.join(registry.available())}",
-                (*where, "type")))
+            problems.append(
+                locs.problem(
+                    f"unknown provider type '{kind}'{hint}; "
+                    f"installed drivers: {', '.join(registry.available())}",
+                    (*where, "type"),
+                )
+            )
             continue
         try:
             accounts[name] = model.model_validate(options)
@@ -208,13 +225,15 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
             problems.extend(problems_from(exc, locs, model, options, prefix=where))
             continue
         for key in options:
-            literal = (*where, key) not in from_env
-            if literal and (_is_secret_field(model, key) or any(s in key for s in _SECRET_NAMES)):
-                if _is_secret_field(model, key):
-                    warnings.append(locs.problem(
+            if (*where, key) not in from_env and _is_secret_field(model, key):
+                warnings.append(
+                    locs.problem(
                         f"{key} is written in the file; read it from the environment with ${{VAR}}",
-                        (*where, key)))
+                        (*where, key),
+                    )
+                )
     if problems:
         raise ConfigError(sorted(problems, key=lambda p: (p.line or 0, p.column or 0)))
-    return Config(settings=settings, accounts=accounts, project_dir=project_dir, source=source,
-                  warnings=warnings)
+    return Config(
+        settings=settings, accounts=accounts, project_dir=project_dir, source=source, warnings=warnings
+    )

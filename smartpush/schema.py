@@ -105,9 +105,9 @@ def _clean_loc(loc: Sequence[PathPart], data: Any) -> tuple[PathPart, ...]:
 def _value_at(data: Any, path: Sequence[PathPart]) -> Any:
     cur = data
     for part in path:
-        if isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+        in_dict = isinstance(cur, dict) and part in cur
+        in_list = isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur)
+        if in_dict or in_list:
             cur = cur[part]
         else:
             return None

@@ -54,9 +54,7 @@ def parse_duration(value: Any) -> timedelta:
         if parts and "".join(a + b for a, b in parts).lower() == text.lower():
             seconds = sum(float(n) * _UNIT_SECONDS[u.lower()] for n, u in parts)
             return timedelta(seconds=seconds)
-    raise ValueError(
-        f"'{value}' is not a duration: write a number with a unit, such as 30s, 15min, 1h or 7d"
-    )
+    raise ValueError(f"'{value}' is not a duration: write a number with a unit, such as 30s, 15min, 1h or 7d")
 
 
 def format_duration(value: timedelta) -> str:
@@ -99,7 +97,9 @@ def parse_rate(value: Any) -> RateValue:
             if count <= 0:
                 raise ValueError("a rate must be above zero")
             return RateValue(count, _RATE_SECONDS[m.group(2).lower()], value.strip().replace(" ", ""))
-    raise ValueError(f"'{value}' is not a rate: write a count per unit, such as 100/s, 6000/min, 50000/h or 250000/d")
+    raise ValueError(
+        f"'{value}' is not a rate: write a count per unit, such as 100/s, 6000/min, 50000/h or 250000/d"
+    )
 
 
 Duration = Annotated[

@@ -76,7 +76,7 @@ def _walk(node: yaml.Node, loader: _Loader, path: tuple[PathPart, ...], locs: Lo
         out: dict[Any, Any] = {}
         loader.flatten_mapping(node)
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            key = loader.construct_object(key_node, deep=True)
             if not isinstance(key, str | int | float | bool) or key is None:
                 raise ConfigError(
                     Problem(
@@ -103,7 +103,7 @@ def _walk(node: yaml.Node, loader: _Loader, path: tuple[PathPart, ...], locs: Lo
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_walk(item, loader, (*path, i), locs) for i, item in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)  # type: ignore[no-untyped-call]
+    return loader.construct_object(node, deep=True)
 
 
 def load_text(text: str, display_name: str) -> tuple[Any, Locations]:
@@ -119,7 +119,7 @@ def load_text(text: str, display_name: str) -> tuple[Any, Locations]:
         mark = exc.problem_mark or exc.context_mark
         what = exc.problem or "this is not valid YAML"
         hint = ""
-        if "\t" in text and "tab" in str(exc).lower():
+        if "\t" in text and ("tab" in str(exc).lower() or "'\\t'" in str(exc)):
             hint = " (YAML does not allow tabs for indentation: use spaces)"
         raise ConfigError(
             Problem(

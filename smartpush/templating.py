@@ -1,0 +1,433 @@
+"""Campaign templates: compile once, render per row, in a Jinja sandbox confined to ``templates/``.
+
+A channel field (``body``, ``subject``, ``title``, ``html``, ``text``) whose value ends in ``.j2`` is a
+template file, given relative to the project folder (``templates/grippe/sms.txt.j2``); anything else is
+an inline template. The audience ``where:`` option is a Jinja expression (:meth:`Templates.expression`).
+
+Inside templates, ``{% include %}``, ``{% extends %}`` and ``{% import %}`` name files relative to the
+``templates/`` folder (``{% include 'commun/signature.txt.j2' %}``), never outside it.
+
+Rendering never shows a recipient's values in an error: messages name the template, its line and the
+variable or filter at fault. A ``None`` value (a JSON ``null``) renders as an empty string, not ``None``.
+The names in :data:`PROVIDED_NAMES` are not columns: the caller puts them in the render context.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import unicodedata
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, replace
+from dataclasses import field as dc_field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from jinja2 import BaseLoader, Environment, StrictUndefined, Template, TemplateNotFound, nodes
+from jinja2 import TemplateSyntaxError as JinjaSyntaxError
+from jinja2.environment import TemplateExpression
+from jinja2.exceptions import SecurityError, UndefinedError
+from jinja2.meta import find_undeclared_variables
+from jinja2.parser import Parser
+from jinja2.runtime import Undefined
+from jinja2.sandbox import SandboxedEnvironment
+
+from smartpush.errors import Problem, TemplateError
+from smartpush.filters import Filters
+
+__all__ = ["PROVIDED_NAMES", "CompiledExpression", "CompiledTemplate", "Templates", "check_variables"]
+
+#: Names every template may use without an audience column; the caller passes them in the context:
+#: ``campaign`` (dict: name, description, category), ``unsubscribe_url``, ``recipient_id``, ``now``.
+PROVIDED_NAMES: frozenset[str] = frozenset({"campaign", "unsubscribe_url", "recipient_id", "now"})
+
+TEMPLATES_FOLDER = "templates"
+_UNDEFINED_NAME = re.compile(r"'([^']+)' is undefined")
+_MAX_LISTED_COLUMNS = 30
+_MIN_PATH_PARTS = 2  # "templates/x.j2"
+_EXAMPLE = f"{TEMPLATES_FOLDER}/campagne/sms.txt.j2"
+Location = tuple[str | None, int | None]
+
+
+class _RefusedPath(Exception):
+    """A template name that would leave the templates folder (never a TemplateNotFound: not ignorable)."""
+
+
+def _finalize(value: Any) -> Any:
+    return "" if value is None else value
+
+
+class _ConfinedLoader(BaseLoader):
+    """Loads ``name`` from ``root`` only: no ``..``, no absolute path, no symlink leading outside."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path_of(self, name: str) -> Path:
+        pure = PurePosixPath(name)
+        if not pure.parts or "\\" in name or pure.is_absolute() or ".." in pure.parts or ":" in pure.parts[0]:
+            raise _RefusedPath(name)
+        path = self.root.joinpath(*pure.parts)
+        real_root = os.path.realpath(self.root)
+        real = os.path.realpath(path)
+        if real != real_root and not real.startswith(real_root + os.sep):
+            raise _RefusedPath(name)
+        return path
+
+    def get_source(self, environment: Environment, template: str) -> tuple[str, str, Callable[[], bool]]:
+        path = self.path_of(template)
+        try:
+            source, mtime = path.read_text(encoding="utf-8"), path.stat().st_mtime
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise TemplateNotFound(template) from None
+        except UnicodeDecodeError:
+            msg = f"template file {TEMPLATES_FOLDER}/{template} is not UTF-8 text: save it as UTF-8"
+            raise TemplateError(Problem(msg)) from None
+        return source, str(path), lambda: path.is_file() and path.stat().st_mtime == mtime
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """Where a compiled template or expression comes from, for error messages."""
+
+    origin: str  # "templates/grippe/sms.txt.j2" or "channels[1].subject (inline)"
+    field: str | None
+    campaign_file: str | None
+    line: int | None
+    loader_root: str  # to turn a template's absolute filename back into "templates/…"
+    locations: Mapping[str, Location]  # variable -> (file, line) where it first appears
+    kind: str = "template"  # or "expression"
+    attributes: frozenset[str] = frozenset()  # attribute/key names written in the templates
+
+    def problem(self, message: str, exc: BaseException) -> Problem:
+        """``message`` about the template (file and line) where ``exc`` was raised."""
+        file, line = self._template_frame(exc)
+        sep = " " if message.startswith(("uses ", "tries ", "includes ")) else ": "
+        if file is None:  # inline: point at the campaign field
+            name = f"{self.kind} {self.origin}" + (f" (line {line})" if line and line > 1 else "")
+            return Problem(name + sep + message, file=self.campaign_file, line=self.line, field=self.field)
+        details = ([f"line {line}"] if line else []) + (
+            [f"included by {self.origin}"] if file != self.origin else []
+        )
+        name = f"template {file} ({', '.join(details)})" if details else f"template {file}"
+        return Problem(name + sep + message, file=file, line=line)
+
+    def _template_frame(self, exc: BaseException) -> Location:
+        """The template file (None: inline) and line of the innermost template frame of the traceback."""
+        tb, prefix = exc.__traceback__, self.loader_root + os.sep
+        found: Location = (None, None)
+        while tb is not None:
+            if "__jinja_exception__" in tb.tb_frame.f_globals:  # a frame Jinja rewrote to a template line
+                name = tb.tb_frame.f_code.co_filename
+                file = TEMPLATES_FOLDER + "/" + name[len(prefix) :] if name.startswith(prefix) else None
+                found = (file, tb.tb_lineno)
+            tb = tb.tb_next
+        return found
+
+    def translate(self, exc: Exception) -> TemplateError:
+        """Turn anything raised while rendering into a TemplateError that shows no row value."""
+        if isinstance(exc, UndefinedError):
+            match = _UNDEFINED_NAME.fullmatch(str(exc))
+            if match:
+                name = match.group(1)
+                msg = f"uses the variable '{name}', which the audience has no column for"
+            else:  # "'dict object' has no attribute 'x'": show x only if the template spells it out
+                name = str(exc).rpartition(" ")[2].strip("'")
+                shown = f"'{name}'" if name in self.attributes else "an attribute or key"
+                msg = f"uses {shown}, which this row's value does not have"
+        elif isinstance(exc, SecurityError):
+            msg = "tries to reach Python internals, which is not allowed in templates"
+        elif isinstance(exc, TemplateError):  # a smartpush filter refusing a value
+            msg = "; ".join(p.message for p in exc.problems)
+        elif isinstance(exc, _RefusedPath):
+            msg = f"includes a file outside the {TEMPLATES_FOLDER}/ folder, which is not allowed"
+        elif isinstance(exc, TemplateNotFound):
+            msg = "includes a template file that does not exist"
+        elif isinstance(exc, TypeError):
+            msg = (
+                "a filter or operator got a value of the wrong type (CSV values are text: "
+                "convert them, e.g. age|int >= 65 or montant|float)"
+            )
+        else:
+            msg = f"a filter or expression failed on this row ({type(exc).__name__})"
+        return TemplateError(self.problem(msg, exc))
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledTemplate:
+    """A compiled template, reused for every row."""
+
+    origin: str
+    variables: frozenset[str]
+    _template: Template = dc_field(repr=False, compare=False)
+    _where: _Origin = dc_field(repr=False, compare=False)
+
+    def render(self, context: Mapping[str, Any]) -> str:
+        """Render for one row (plus :data:`PROVIDED_NAMES`); the output is exact, never stripped."""
+        try:
+            return self._template.render(context)
+        except Exception as exc:
+            raise self._where.translate(exc) from None
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledExpression:
+    """A compiled ``where:`` expression; calling it on a row gives the expression's value."""
+
+    origin: str
+    variables: frozenset[str]
+    _expression: TemplateExpression = dc_field(repr=False, compare=False)
+    _where: _Origin = dc_field(repr=False, compare=False)
+
+    def __call__(self, context: Mapping[str, Any]) -> Any:
+        try:
+            value = self._expression(context)
+            if isinstance(value, Undefined):
+                value._fail_with_undefined_error()
+            return value
+        except Exception as exc:
+            raise self._where.translate(exc) from None
+
+
+class Templates:
+    """Compiles a project's templates in two sandboxed environments sharing one confined loader."""
+
+    def __init__(self, project_dir: Path, *, locale: str = "fr_FR", timezone: str = "Europe/Paris") -> None:
+        self.project_dir = Path(project_dir)
+        self.templates_dir = self.project_dir.absolute() / TEMPLATES_FOLDER
+        self.loader = _ConfinedLoader(self.templates_dir)
+        self.filters = Filters(locale, timezone)
+        options: dict[str, Any] = {
+            "loader": self.loader,
+            "undefined": StrictUndefined,
+            "trim_blocks": True,
+            "lstrip_blocks": True,
+            "keep_trailing_newline": False,
+            "auto_reload": False,  # no stat() per include per row; a run uses the files as compiled
+            "finalize": _finalize,
+        }
+        self.text_env = SandboxedEnvironment(autoescape=False, **options)
+        self.html_env = SandboxedEnvironment(autoescape=True, **options)
+        for env in (self.text_env, self.html_env):
+            env.filters.update(self.filters.as_dict())
+
+    def compile(
+        self,
+        value: str,
+        *,
+        field: str,
+        html: bool = False,
+        campaign_file: str | None = None,
+        line: int | None = None,
+    ) -> CompiledTemplate:
+        """Compile a template file (``value`` ends in ``.j2``) or an inline template, once."""
+        env = self.html_env if html else self.text_env
+        at: dict[str, Any] = {"file": campaign_file, "line": line, "field": field}
+        if value.endswith(".j2"):
+            name = self._template_name(value, at)
+            origin = f"{TEMPLATES_FOLDER}/{name}"
+            try:
+                template = env.get_template(name)
+            except (TemplateNotFound, _RefusedPath):
+                raise TemplateError(Problem(f"template file {origin} not found", **at)) from None
+            except JinjaSyntaxError as exc:
+                raise TemplateError(self._syntax_problem(exc, origin, at)) from None
+            ast = self._parse(env, name, origin, at)
+        else:
+            origin = f"{field} (inline)"
+            try:
+                template = env.from_string(value)
+                ast = env.parse(value)
+            except JinjaSyntaxError as exc:
+                raise TemplateError(self._syntax_problem(exc, origin, at)) from None
+        where = self._origin(env, origin, ast, at, inline=not value.endswith(".j2"))
+        return CompiledTemplate(origin, frozenset(where.locations), template, where)
+
+    def expression(
+        self, source: str, *, field: str, campaign_file: str | None = None, line: int | None = None
+    ) -> CompiledExpression:
+        """Compile a Jinja expression such as ``age|int >= 65`` (the audience's ``where:``)."""
+        env, origin = self.text_env, f"{field} (expression)"
+        at: dict[str, Any] = {"file": campaign_file, "line": line, "field": field}
+        try:
+            compiled = env.compile_expression(source, undefined_to_none=False)
+            expr = Parser(env, source, state="variable").parse_expression()
+        except JinjaSyntaxError as exc:
+            raise TemplateError(Problem(f"syntax error in the expression: {exc.message}", **at)) from None
+        ast = nodes.Template([nodes.Output([expr])], lineno=1)
+        ast.set_environment(env)
+        where = replace(self._origin(env, origin, ast, at, inline=True), kind="expression")
+        return CompiledExpression(origin, frozenset(where.locations), compiled, where)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _template_name(self, value: str, at: Mapping[str, Any]) -> str:
+        """``templates/a/b.j2`` → ``a/b.j2``, refusing anything that would leave ``templates/``."""
+        pure = PurePosixPath(value)
+        msg = f"template path {value!r} must be a file inside the project's {TEMPLATES_FOLDER}/ folder"
+        refused = TemplateError(
+            Problem(f"{msg} (not through a link leading elsewhere), like {_EXAMPLE}", **at)
+        )
+        if len(pure.parts) < _MIN_PATH_PARTS or pure.parts[0] != TEMPLATES_FOLDER:
+            raise refused
+        name = "/".join(pure.parts[1:])
+        try:
+            self.loader.path_of(name)  # no "..", no "\\", no link leading outside
+        except _RefusedPath:
+            raise refused from None
+        return name
+
+    @staticmethod
+    def _syntax_problem(exc: JinjaSyntaxError, origin: str, at: Mapping[str, Any]) -> Problem:
+        if exc.name is not None:  # in a template file (the one named, or one it includes)
+            file = f"{TEMPLATES_FOLDER}/{exc.name}"
+            used = f" (used by {at['field']})" if file == origin else f" (included by {origin})"
+            return Problem(
+                f"syntax error in template {file}{used}: {exc.message}", file=file, line=exc.lineno
+            )
+        inner = f" (line {exc.lineno} of the template)" if exc.lineno > 1 else ""
+        return Problem(f"syntax error in the inline template{inner}: {exc.message}", **at)
+
+    def _parse(self, env: Environment, name: str, origin: str, at: Mapping[str, Any]) -> nodes.Template:
+        source, filename, _ = self.loader.get_source(env, name)
+        try:
+            return env.parse(source, name, filename)
+        except JinjaSyntaxError as exc:
+            raise TemplateError(self._syntax_problem(exc, origin, at)) from None
+
+    def _origin(
+        self, env: Environment, origin: str, ast: nodes.Template, at: Mapping[str, Any], inline: bool
+    ) -> _Origin:
+        """Collect every variable (with where it first appears) through includes/extends/imports.
+
+        A variable of the inline template itself is located at ``(None, None)``: the campaign field.
+        """
+        trees: list[tuple[nodes.Template, str | None]] = []
+        seen = {origin.removeprefix(TEMPLATES_FOLDER + "/")}
+        pending: list[tuple[nodes.Template, str | None]] = [(ast, None if inline else origin)]
+        while pending:
+            tree, file = pending.pop()
+            trees.append((tree, file))
+            for ref, ref_line, required in _references(tree):
+                if ref in seen:
+                    continue
+                seen.add(ref)
+                ref_origin = f"{TEMPLATES_FOLDER}/{ref}"
+                here = dict(at) if file is None else {"file": file, "line": ref_line}
+                try:
+                    env.get_template(ref)  # compiled now, and cached for rendering
+                except _RefusedPath:
+                    msg = (
+                        f"template {file or origin} includes {ref!r}, outside the {TEMPLATES_FOLDER}/ folder"
+                    )
+                    raise TemplateError(Problem(msg + ": only files inside it can be used", **here)) from None
+                except TemplateNotFound:
+                    if not required:
+                        continue
+                    msg = f"template file {ref_origin} not found (included by {file or origin})"
+                    raise TemplateError(Problem(msg, **here)) from None
+                except JinjaSyntaxError as exc:
+                    raise TemplateError(self._syntax_problem(exc, origin, at)) from None
+                pending.append((self._parse(env, ref, origin, at), ref_origin))
+        locations: dict[str, Location] = {}
+        declared = [_declared(tree) for tree, _ in trees]
+        for i, (tree, file) in enumerate(trees):
+            others = set().union(*(names for j, names in enumerate(declared) if j != i))
+            for var, var_line in _variables(tree, env, declared[i], others):
+                locations.setdefault(var, (file, None if file is None else var_line))
+        attributes = {n.attr for tree, _ in trees for n in tree.find_all(nodes.Getattr)}
+        for tree, _ in trees:
+            keys = (n.arg for n in tree.find_all(nodes.Getitem) if isinstance(n.arg, nodes.Const))
+            attributes |= {k.value for k in keys if isinstance(k.value, str)}
+        where = _Origin(origin, at["field"], at["file"], at["line"], str(self.loader.root), locations)
+        return replace(where, attributes=frozenset(attributes))
+
+
+def _variables(
+    ast: nodes.Template, env: Environment, own: set[str], others: set[str]
+) -> Iterator[tuple[str, int]]:
+    """Undeclared variables of one template AST, with the line each first appears on.
+
+    Jinja's analysis sees a name set or imported at the top level as undeclared inside blocks, and in
+    the templates it includes: names set by ``others`` templates of the chain are dropped, and so are
+    this template's ``own`` unless its top level reads them before setting them
+    (``{% set prenom = prenom | first_name %}`` needs a ``prenom`` column).
+    """
+    top = nodes.Template([n for n in ast.body if not isinstance(n, nodes.Block)], lineno=1)
+    top.set_environment(env)
+    names = find_undeclared_variables(ast) - (own - find_undeclared_variables(top)) - others
+    names -= set(env.globals)
+    first: dict[str, int] = {}
+    for node in ast.find_all(nodes.Name):
+        if node.ctx == "load" and node.name in names:
+            first[node.name] = min(first.get(node.name, node.lineno), node.lineno)
+    for name in sorted(names):
+        yield name, first.get(name, 1)
+
+
+def _declared(ast: nodes.Template) -> set[str]:
+    """Names a template sets (``{% set %}``), imports or defines as macros, anywhere in it."""
+    names = {n.name for n in ast.find_all(nodes.Name) if n.ctx == "store"}
+    names |= {n.name for n in ast.find_all(nodes.Macro)}
+    names |= {n.target for n in ast.find_all(nodes.Import)}
+    for node in ast.find_all(nodes.FromImport):
+        names |= {alias if isinstance(alias, str) else alias[1] for alias in node.names}
+    return names
+
+
+def _constant_names(expr: nodes.Node | None) -> list[str]:
+    """The template names an include/extends/import target can take, when written as constants."""
+    if isinstance(expr, nodes.Const) and isinstance(expr.value, str):
+        return [expr.value]
+    if isinstance(expr, nodes.Tuple | nodes.List):
+        return [name for item in expr.items for name in _constant_names(item)]
+    if isinstance(expr, nodes.CondExpr):
+        return _constant_names(expr.expr1) + _constant_names(expr.expr2)
+    return []
+
+
+def _references(ast: nodes.Template) -> Iterator[tuple[str, int, bool]]:
+    """(name, line, must exist) of each template this AST includes, extends or imports by a constant name.
+
+    A list of names (the first that exists is used) and ``ignore missing`` make a missing file acceptable.
+    """
+    for node in ast.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
+        target = getattr(node, "template", None)
+        optional = getattr(node, "ignore_missing", False) or isinstance(target, nodes.Tuple | nodes.List)
+        for name in _constant_names(target):
+            yield name, node.lineno, not optional
+
+
+def _fold(name: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", name.casefold())
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).replace(" ", "_")
+
+
+def check_variables(
+    template: CompiledTemplate | CompiledExpression,
+    columns: Collection[str],
+    *,
+    extra: Collection[str] = (),
+) -> list[Problem]:
+    """One problem per variable the template reads that is neither a column, ``extra`` nor provided."""
+    known = set(columns) | set(extra) | PROVIDED_NAMES
+    ordered = list(columns)
+    folded = {_fold(c): c for c in ordered}
+    listed = ", ".join(ordered[:_MAX_LISTED_COLUMNS]) + (", …" if len(ordered) > _MAX_LISTED_COLUMNS else "")
+    where = template._where
+    kind = where.kind
+    problems = []
+    for name in sorted(template.variables - known):
+        file, line = where.locations.get(name, (None, None))
+        close = folded.get(_fold(name)) or next(iter(difflib.get_close_matches(name, ordered, n=1)), None)
+        hint = f" (did you mean '{close}'?)" if close else ""
+        message = (
+            f"{kind} {file or where.origin} uses {{{{ {name} }}}}, but the audience has no column "
+            f"'{name}'{hint}; columns are: {listed or '(none)'}"
+        )
+        if file is None:  # the inline template itself: point at the campaign field
+            problems.append(Problem(message, file=where.campaign_file, line=where.line, field=where.field))
+        else:
+            problems.append(Problem(message, file=file, line=line))
+    return problems

@@ -1,0 +1,156 @@
+"""`plan` adds up the whole audience: every row lands in exactly one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smartpush.config import load_config
+from smartpush.loading import load_campaign
+from smartpush.planning import Plan, make_plan
+
+CONFIG = """\
+providers:
+  sms-main:
+    type: outbox
+    sender: AMELI
+    rate: 10/s
+    price_per_part: 0.05
+    rate_unit: parts
+  mail:
+    type: outbox
+    rate: 2/s
+    daily_quota: 100
+"""
+
+HEADER = "id;prenom;age;phone;email\n"
+
+
+def project(
+    tmp_path: Path,
+    rows: str,
+    campaign_extra: str = "",
+    strategy: str = "first-reachable",
+    sms_body: str = "Bonjour {{ prenom }}, rendez-vous le 1er décembre.",
+) -> Path:
+    (tmp_path / "smartpush.yaml").write_text(CONFIG, encoding="utf-8")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/people.csv").write_text(HEADER + rows, encoding="utf-8")
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates/sms.txt.j2").write_text(sms_body, encoding="utf-8")
+    campaign = f"""\
+name: test
+audience:
+  source: data/people.csv
+  id: id
+channels:
+  - channel: sms
+    provider: sms-main
+    body: templates/sms.txt.j2
+  - channel: email
+    provider: mail
+    from: "Service <noreply@example.fr>"
+    subject: "Bonjour {{{{ prenom }}}}"
+    text: "Bonjour {{{{ prenom }}}}"
+strategy: {strategy}
+{campaign_extra}"""
+    (tmp_path / "c.yaml").write_text(campaign, encoding="utf-8")
+    return tmp_path / "c.yaml"
+
+
+def plan_of(path: Path) -> Plan:
+    return make_plan(load_campaign(path, load_config(path.parent / "smartpush.yaml", env={})))
+
+
+ROWS = (
+    "1;Jean;70;06 12 34 56 78;jean@example.fr\n"  # line 2: sms, email fallback
+    "2;Marie;80;;marie@example.fr\n"  # line 3: no phone → email
+    "3;Luc;66;01 45 67 89 10;luc@example.fr\n"  # line 4: landline → invalid sms, email sent
+    "4;Zoé;90;06 12;\n"  # line 5: invalid phone, no email: unreachable
+    "1;Jean;70;0612345678;jean@example.fr\n"  # line 6: duplicate of line 2
+    ";Anne;70;0612345679;\n"  # line 7: no id → invalid row
+    "6;Paul;30;0612345670;\n"  # line 8: filtered out by where (when set)
+    "7;Eve;71\n"  # line 9: wrong cell count → invalid row
+)
+
+
+def test_every_row_is_counted_once(tmp_path: Path) -> None:
+    plan = plan_of(project(tmp_path, ROWS))
+    assert plan.rows == 8
+    assert plan.duplicates == [(6, 2)]
+    assert {e.line for e in plan.invalid_rows} == {7, 9}
+    assert plan.recipients == 5  # lines 2, 3, 4, 5, 8
+    sms, email = plan.channels
+    assert (sms.send, sms.fallback, sms.skipped, sms.invalid) == (2, 0, 1, 2)
+    assert (email.send, email.fallback, email.skipped, email.invalid) == (2, 1, 2, 0)
+    # recipients × channels = sum of statuses per channel
+    for c in plan.channels:
+        assert c.send + c.fallback + c.skipped + c.invalid == plan.recipients
+    assert plan.unreachable == 1
+    reasons = {(e.line, e.channel): e.reason for e in plan.invalid_messages}
+    assert "landline" in reasons[(4, "sms")]
+    assert (5, "sms") in reasons
+    assert plan.has_invalid
+
+
+def test_where_filters_rows_with_numbers_in_text_cells(tmp_path: Path) -> None:
+    path = project(tmp_path, ROWS)
+    path.write_text(path.read_text().replace("  id: id\n", '  id: id\n  where: "age >= 65"\n'))
+    plan = plan_of(path)
+    assert plan.filtered == 1  # Paul, 30: CSV text "30" compared as a number
+    assert plan.recipients == 4
+
+
+def test_all_strategy_sends_every_reachable_channel(tmp_path: Path) -> None:
+    plan = plan_of(project(tmp_path, ROWS, strategy="all"))
+    sms, email = plan.channels
+    assert sms.send == 2 and email.send == 3 and email.fallback == 0
+
+
+def test_sms_parts_cost_and_duration(tmp_path: Path) -> None:
+    rows = "".join(f"{i};Jean;70;06123456{i:02d};\n" for i in range(40))
+    body = "Votre rendez-vous est prêt. " * 4  # 'ê' forces UCS-2; 112 characters → 2 parts
+    plan = plan_of(project(tmp_path, rows, sms_body=body))
+    (sms, _) = plan.channels
+    assert sms.send == 40
+    assert sms.sms_parts == 80
+    assert sms.by_encoding == {"UCS-2": 40}
+    assert sms.forced_ucs2 == {"ê": 40}
+    assert str(sms.cost) == "4.00"
+    (load,) = [p for p in plan.providers if p.account == "sms-main"]
+    assert (load.unit, load.units) == ("parts", 80)
+    assert plan.duration is not None and plan.duration.total_seconds() == 8  # 80 parts at 10/s
+
+
+def test_transliteration_keeps_gsm7(tmp_path: Path) -> None:
+    rows = "".join(f"{i};Jean;70;06123456{i:02d};\n" for i in range(10))
+    body = "Votre rendez-vous est prêt. " * 4
+    plan = plan_of(project(tmp_path, rows, campaign_extra="sms:\n  transliterate: true\n", sms_body=body))
+    (sms, _) = plan.channels
+    assert sms.by_encoding == {"GSM-7": 10}
+    assert sms.sms_parts == 10
+    assert sms.transliterated == 10
+
+
+def test_too_long_sms_is_invalid_for_that_recipient(tmp_path: Path) -> None:
+    rows = "1;Jean;70;0612345678;jean@example.fr\n"
+    plan = plan_of(project(tmp_path, rows, campaign_extra="sms:\n  max_parts: 1\n", sms_body="x" * 161))
+    sms, email = plan.channels
+    assert sms.invalid == 1 and email.send == 1
+    assert "2 parts" in plan.invalid_messages[0].reason
+
+
+def test_daily_quota_stretches_the_duration(tmp_path: Path) -> None:
+    rows = "".join(f"{i};Jean;70;;p{i}@example.fr\n" for i in range(250))
+    plan = plan_of(project(tmp_path, rows))
+    (load,) = [p for p in plan.providers if p.account == "mail"]
+    assert load.messages == 250
+    # 100 a day: two full days wait, then 50 messages at 2/s.
+    assert load.duration is not None and load.duration.total_seconds() == 2 * 86400 + 25
+
+
+@pytest.mark.parametrize("size,segments", [(2, 3), (500, 1)])
+def test_segments(tmp_path: Path, size: int, segments: int) -> None:
+    plan = plan_of(project(tmp_path, ROWS, campaign_extra=f"segments:\n  size: {size}\n"))
+    assert plan.segments == segments
