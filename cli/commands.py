@@ -76,23 +76,23 @@ def _skip(rel: Path) -> bool:
     return rel.name == "__init__.py" or "__pycache__" in rel.parts
 
 
-def validate(state: State, campaign: Path) -> None:
+def validate(state: State, campaign: Path, processes: int | None) -> None:
     from smartpush.planning import make_plan
 
     with reporting(state):
         prepared = _prepare(state, campaign)
-        result = make_plan(prepared)
+        result = make_plan(prepared, processes=processes)
     output.validated(result, as_json=state.json)
     if result.has_invalid:
         raise SystemExit(EXIT_INVALID)
 
 
-def plan(state: State, campaign: Path, limit: int) -> None:
+def plan(state: State, campaign: Path, limit: int, processes: int | None) -> None:
     from smartpush.planning import make_plan
 
     with reporting(state):
         prepared = _prepare(state, campaign)
-        result = make_plan(prepared)
+        result = make_plan(prepared, processes=processes)
     output.plan(result, prepared, as_json=state.json, limit=limit)
     if result.has_invalid:
         raise SystemExit(EXIT_INVALID)

@@ -92,11 +92,21 @@ def init(state: State, directory: Path, force: bool) -> None:
     commands.init(state, directory, force)
 
 
+def processes_option(f: F) -> F:
+    return click.option(
+        "--processes",
+        type=click.IntRange(1, 64),
+        default=None,
+        help="Processes reading a large audience at once. Default: one per core, at most 4.",
+    )(f)
+
+
 @cli.command()
 @click.argument("campaign", type=click.Path(path_type=Path, dir_okay=False))
+@processes_option
 @common
 @click.pass_obj
-def validate(state: State, campaign: Path) -> None:
+def validate(state: State, campaign: Path, processes: int | None) -> None:
     """Check CAMPAIGN completely without sending anything.
 
     Checks the file's fields, the provider accounts, that templates compile and only use columns the
@@ -105,7 +115,7 @@ def validate(state: State, campaign: Path) -> None:
     """
     from . import commands
 
-    commands.validate(state, campaign)
+    commands.validate(state, campaign, processes)
 
 
 @cli.command()
@@ -151,9 +161,10 @@ def preview(
     show_default=True,
     help="Invalid rows listed in the table output (all of them with --json or --limit 0).",
 )
+@processes_option
 @common
 @click.pass_obj
-def plan(state: State, campaign: Path, limit: int) -> None:
+def plan(state: State, campaign: Path, limit: int, processes: int | None) -> None:
     """Dry-run CAMPAIGN over its whole audience, without sending.
 
     Shows recipients per channel and provider, invalid rows with their line numbers, duplicates, SMS
@@ -161,7 +172,7 @@ def plan(state: State, campaign: Path, limit: int) -> None:
     """
     from . import commands
 
-    commands.plan(state, campaign, limit)
+    commands.plan(state, campaign, limit, processes)
 
 
 def main(argv: list[str] | None = None) -> None:

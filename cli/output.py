@@ -122,6 +122,7 @@ def plan_dict(p: Plan) -> dict[str, Any]:
         ],
         "segments": {"size": p.segment_size, "count": p.segments},
         "estimated_duration_s": int(p.duration.total_seconds()) if p.duration is not None else None,
+        "processes": p.processes,
         "elapsed_s": round(p.elapsed_s, 3),
     }
 
@@ -209,7 +210,8 @@ def plan(p: Plan, prepared: PreparedCampaign, *, as_json: bool, limit: int) -> N
     status = (
         "[red]invalid rows found: fix them or they will not be sent[/]" if p.has_invalid else "[green]ok[/]"
     )
-    out.print(f"Planned in {p.elapsed_s:.1f} s. {status}")
+    procs = f" by {p.processes} processes" if p.processes > 1 else ""
+    out.print(f"Planned {p.rows:,} rows in {p.elapsed_s:.1f} s{procs}. {status}")
 
 
 def validated(p: Plan, *, as_json: bool) -> None:

@@ -11,25 +11,41 @@ from __future__ import annotations
 import codecs
 import csv
 import json
-from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, pairwise
 from pathlib import Path
 from typing import IO, Any
 
 from smartpush.errors import AudienceError, Problem
 
-__all__ = ["AudienceFile", "Row", "SeenIds"]
+__all__ = ["AudienceFile", "Row", "Shard"]
 
 _CSV_SUFFIXES = (".csv",)
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _SNIFF_BYTES = 1 << 20  # encoding "auto" decides on the first MiB
 _DELIMITERS = (";", ",", "\t", "|")  # tie order: French spreadsheet exports use ";"
 _BUFFER = 1 << 20
+#: Below this many bytes per process, starting processes costs more than splitting saves.
+_MIN_SHARD_BYTES = 4 << 20
 _WHERE = (
     "paths are relative to the project folder: the folder holding smartpush.yaml, or the current directory"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """A byte range of whole lines of an audience file; ``first_line`` is the line at ``start``."""
+
+    start: int
+    end: int
+    first_line: int
+
+
+def _splittable(encoding: str) -> bool:
+    """Encodings in which the byte 0x0A is always a line feed and never part of another character."""
+    name = codecs.lookup(encoding).name
+    return name in ("utf-8", "utf-8-sig", "ascii") or name.startswith(("cp125", "iso8859", "latin"))
 
 
 @dataclass(slots=True)
@@ -271,29 +287,120 @@ class AudienceFile:
         with self._open() as f:
             base, header, reader = self._csv_header(f)
             self._columns = header
-            n = len(header)
-            last = base + reader.line_num
-            strip = str.strip
-            try:
-                for cells in reader:
-                    line = last + 1
-                    last = base + reader.line_num
-                    values = list(map(strip, cells))
-                    if len(values) == n:
-                        if any(values):  # else a row of empty cells, as blank lines are
-                            yield Row(line, dict(zip(header, values, strict=False)))
-                    elif any(values):
-                        data = dict(zip(header, values + [""] * (n - len(values)), strict=False))
-                        cells_, columns_ = _plural(len(values), "cell"), _plural(n, "column")
-                        yield Row(line, data, f"the row has {cells_} but the header has {columns_}")
-            except UnicodeDecodeError:
-                raise self._decode_error() from None
-            except csv.Error as exc:
-                raise self._error(
-                    f"the row starting on line {last + 1} cannot be read as CSV ({exc}); "
-                    'check its quotes (") — a cell that opens a quote must close it',
-                    line=last + 1,
-                ) from None
+            yield from self._csv_rows(reader, header, base)
+
+    def _csv_rows(self, reader: Any, header: tuple[str, ...], base: int) -> Iterator[Row]:
+        """Rows from a csv reader whose line ``reader.line_num`` is file line ``base + line_num``."""
+        n = len(header)
+        last = base + reader.line_num
+        strip = str.strip
+        try:
+            for cells in reader:
+                line = last + 1
+                last = base + reader.line_num
+                values = list(map(strip, cells))
+                if len(values) == n:
+                    if any(values):  # else a row of empty cells, as blank lines are
+                        yield Row(line, dict(zip(header, values, strict=False)))
+                elif any(values):
+                    data = dict(zip(header, values + [""] * (n - len(values)), strict=False))
+                    cells_, columns_ = _plural(len(values), "cell"), _plural(n, "column")
+                    yield Row(line, data, f"the row has {cells_} but the header has {columns_}")
+        except UnicodeDecodeError:
+            raise self._decode_error() from None
+        except csv.Error as exc:
+            raise self._error(
+                f"the row starting on line {last + 1} cannot be read as CSV ({exc}); "
+                'check its quotes (") — a cell that opens a quote must close it',
+                line=last + 1,
+            ) from None
+
+    # ------------------------------------------------------------------ shards
+
+    def shards(self, count: int, *, min_bytes: int | None = None) -> list[Shard] | None:
+        """Split the records into ``count`` byte ranges of whole lines, to read in several processes.
+
+        None when splitting could cut a record or a character: a CSV with quotes (a quoted cell may
+        hold a line break), lone carriage returns, an encoding whose bytes can hide a newline (UTF-16),
+        or a file too small for the split to pay.
+        """
+        encoding = self.encoding
+        if count < 2 or not _splittable(encoding):  # noqa: PLR2004 - one shard is no split
+            return None
+        size = self._path.stat().st_size
+        if size < (_MIN_SHARD_BYTES if min_bytes is None else min_bytes) * count:
+            return None
+        header_lines = 0
+        if self._format == "csv":
+            with self._open() as f:
+                skipped, _, reader = self._csv_header(f)
+                header_lines = skipped + reader.line_num
+        # One binary pass: refuse quotes and lone CRs, find the line ends after each cut target.
+        targets = [size * i // count for i in range(1, count)]
+        cuts: list[tuple[int, int]] = []  # (byte offset of a line start, its line number)
+        newlines, offset, start = 0, 0, (0, 1)
+        pending_cr = False
+        with self._path.open("rb") as f:
+            while chunk := f.read(_BUFFER):
+                if self._format == "csv" and b'"' in chunk:
+                    return None
+                if pending_cr and not chunk.startswith(b"\n"):
+                    return None
+                pending_cr = chunk.endswith(b"\r")
+                if chunk.count(b"\r") - chunk.count(b"\r\n") - pending_cr:
+                    return None  # a lone CR ends a line for the csv module but not for this count
+                pos = 0
+                while header_lines and newlines < header_lines:
+                    i = chunk.find(b"\n", pos)
+                    if i < 0:
+                        break
+                    newlines += 1
+                    pos = i + 1
+                    if newlines == header_lines:
+                        start = (offset + pos, header_lines + 1)
+                while targets and targets[0] < offset + len(chunk):
+                    i = chunk.find(b"\n", max(pos, targets[0] - offset))
+                    if i < 0:
+                        targets[0] = offset + len(chunk)  # look again in the next chunk
+                        break
+                    newlines += chunk.count(b"\n", pos, i + 1)
+                    pos = i + 1
+                    cuts.append((offset + pos, newlines + 1))
+                    targets.pop(0)
+                newlines += chunk.count(b"\n", pos)
+                offset += len(chunk)
+        bounds = [start, *[c for c in cuts if c[0] > start[0]], (size, newlines + 1)]
+        shards = [Shard(a[0], b[0], a[1]) for a, b in pairwise(bounds) if b[0] > a[0]]
+        return shards if len(shards) > 1 else None
+
+    def rows(self, shard: Shard) -> Iterator[Row]:
+        """The records of one shard, numbered as in the whole file."""
+        lines = self._shard_lines(shard)
+        if self._format == "csv":
+            header = self.columns
+            assert self._delimiter is not None  # noqa: S101 - set by reading the header
+            yield from self._csv_rows(
+                csv.reader(lines, delimiter=self._delimiter), header, shard.first_line - 1
+            )
+            return
+        for number, text in enumerate(lines, shard.first_line):
+            if text.strip():
+                data, error = _parse_json_line(text)
+                yield Row(number, data if data is not None else {}, error)
+
+    def _shard_lines(self, shard: Shard) -> Iterator[str]:
+        encoding = self.encoding
+        left = shard.end - shard.start
+        with self._path.open("rb", buffering=_BUFFER) as f:
+            f.seek(shard.start)
+            for raw in f:
+                try:
+                    yield raw.decode(encoding)
+                except UnicodeDecodeError:
+                    raise self._decode_error() from None
+                left -= len(raw)
+                if left <= 0:
+                    return
 
     # ------------------------------------------------------------------ JSON Lines
 
@@ -356,64 +463,3 @@ def _sniff_delimiter(line: str) -> str:
             counts[ch] += 1
     best = max(_DELIMITERS, key=lambda d: counts[d])  # max keeps the first on ties
     return best if counts[best] else ","
-
-
-class SeenIds:
-    """Duplicate detection for millions of recipient ids in bounded memory.
-
-    Keeps a 64-bit hash of each id (Python's ``hash`` of the string, 0 reserved as "empty") with the
-    line of its first occurrence, in an open-addressing table (linear probing) backed by
-    ``array('Q')`` + ``array('I')`` (lines up to 2**32 - 1), doubled when half full: 12 bytes a slot,
-    so 24-48 bytes per id, plus the old table while doubling (1,000,000 ids: 2**21 slots, 25 MB).
-
-    The ids themselves are not kept. Two different ids collide with probability about n²/2⁶⁵ for n ids
-    (about 3 × 10⁻⁸ for a million): such an id would be reported as a duplicate of the other. ``hash``
-    is salted per process, so a table is only meaningful within one process.
-    """
-
-    __slots__ = ("_count", "_keys", "_lines", "_mask")
-
-    def __init__(self, capacity: int = 1 << 16) -> None:
-        size = 1 << max(4, (max(capacity, 1) * 2 - 1).bit_length())
-        self._keys = array("Q", [0]) * size
-        self._lines = array("I", [0]) * size
-        self._mask = size - 1
-        self._count = 0
-
-    def __len__(self) -> int:
-        return self._count
-
-    def add(self, recipient_id: str, line: int) -> int | None:
-        """Record ``recipient_id``; return the line of its earlier occurrence if already seen, else None."""
-        h = hash(recipient_id) & 0xFFFF_FFFF_FFFF_FFFF or 1
-        keys = self._keys
-        mask = self._mask
-        i = h & mask
-        while True:
-            k = keys[i]
-            if k == 0:
-                break
-            if k == h:
-                return self._lines[i]
-            i = (i + 1) & mask
-        keys[i] = h
-        self._lines[i] = line
-        self._count += 1
-        if self._count * 2 > mask:
-            self._grow()
-        return None
-
-    def _grow(self) -> None:
-        old_keys, old_lines = self._keys, self._lines
-        size = (self._mask + 1) * 2
-        keys = array("Q", [0]) * size
-        lines = array("I", [0]) * size
-        mask = size - 1
-        for j, h in enumerate(old_keys):
-            if h:
-                i = h & mask
-                while keys[i]:
-                    i = (i + 1) & mask
-                keys[i] = h
-                lines[i] = old_lines[j]
-        self._keys, self._lines, self._mask = keys, lines, mask

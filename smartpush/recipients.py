@@ -13,13 +13,14 @@ campaign gives it one :class:`ChannelOutcome`:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from .addresses import normalise_email, normalise_phone, normalise_push_token
-from .audience import Row, SeenIds
+from .audience import Row
+from .dedup import SeenIds
 from .errors import RecipientError, TemplateError
 from .loading import PreparedCampaign, PreparedChannel
 from .provider import Channel
@@ -125,7 +126,8 @@ class Evaluator:
 
     ``render`` chooses which channels are rendered: ``"due"`` (the ones that will be sent now) or
     ``"all"`` (every channel with a valid address, for previews). ``keep_data`` keeps the row's cells
-    on the outcome (previews only: it costs memory).
+    on the outcome (previews only: it costs memory). ``dedup=False`` leaves duplicate ids to the
+    caller (a plan split over several processes checks them once, in line order).
     """
 
     def __init__(
@@ -134,16 +136,25 @@ class Evaluator:
         *,
         render: Literal["due", "all"] = "due",
         keep_data: bool = False,
+        dedup: bool = True,
         unsubscribe_url: Callable[[str, Channel], str] | None = None,
     ) -> None:
         self.prepared = prepared
         self.render_mode = render
         self.keep_data = keep_data
+        self.dedup = dedup
         self.seen = SeenIds()
         campaign = prepared.campaign
         self.first_reachable = campaign.strategy == "first-reachable"
         self.id_column = campaign.audience.id
         self.unsubscribe_url = unsubscribe_url or preview_unsubscribe_url(prepared.config.settings.public_url)
+        self.where_columns = tuple(prepared.where.variables) if prepared.where is not None else ()
+        #: Channels whose templates show an unsubscribe link: only they pay for building one per row.
+        self.with_unsubscribe = {
+            c.index
+            for c in prepared.channels
+            if any("unsubscribe_url" in t.variables for t in c.templates.values())
+        }
         self.globals: dict[str, Any] = {
             "campaign": {
                 "name": campaign.name,
@@ -154,7 +165,11 @@ class Evaluator:
         }
 
     def __iter__(self) -> Iterator[RecipientOutcome]:
-        for row in self.prepared.audience:
+        return self.over(self.prepared.audience)
+
+    def over(self, rows: Iterable[Row]) -> Iterator[RecipientOutcome]:
+        """Evaluate ``rows`` (the whole audience, or one shard of it) in order."""
+        for row in rows:
             yield self.evaluate(row)
 
     def evaluate(self, row: Row) -> RecipientOutcome:
@@ -171,7 +186,9 @@ class Evaluator:
         where = self.prepared.where
         if where is not None:
             context = {
-                k: Cell(v) if isinstance(v, str) else v for k, v in data.items() if k in where.variables
+                k: Cell(v) if isinstance(v, str) else v
+                for k in self.where_columns
+                if (v := data.get(k)) is not None
             }
             try:
                 keep_row = where(context)
@@ -181,7 +198,7 @@ class Evaluator:
                 )
             if not keep_row:
                 return RecipientOutcome(row.line, "filtered", recipient_id=rid, data=keep)
-        first = self.seen.add(rid, row.line)
+        first = self.seen.add(rid, row.line) if self.dedup else None
         if first is not None:
             return RecipientOutcome(
                 row.line,
@@ -225,7 +242,8 @@ class Evaluator:
         context = dict(data)
         context.update(self.globals)
         context["recipient_id"] = rid
-        context["unsubscribe_url"] = self.unsubscribe_url(rid, channel.channel)
+        if channel.index in self.with_unsubscribe:
+            context["unsubscribe_url"] = self.unsubscribe_url(rid, channel.channel)
         fields: dict[str, str] = {}
         try:
             for name, template in channel.templates.items():

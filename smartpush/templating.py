@@ -30,7 +30,7 @@ from jinja2.environment import TemplateExpression
 from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.meta import find_undeclared_variables
 from jinja2.parser import Parser
-from jinja2.runtime import Undefined
+from jinja2.runtime import Context, Undefined, new_context
 from jinja2.sandbox import SandboxedEnvironment
 
 from smartpush.errors import Problem, TemplateError
@@ -154,6 +154,15 @@ class _Origin:
         return TemplateError(self.problem(msg, exc))
 
 
+def _context(template: Template, parent: dict[str, Any]) -> Context:
+    """A render context over ``parent`` as is (it already holds the globals).
+
+    ``Template.render()`` copies the environment's globals (a ChainMap) into new dicts and sets on every
+    call, which cost more than rendering a short message; this builds the same context without them.
+    """
+    return new_context(template.environment, template.name, template.blocks, parent, True, None, None)
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledTemplate:
     """A compiled template, reused for every row."""
@@ -162,11 +171,18 @@ class CompiledTemplate:
     variables: frozenset[str]
     _template: Template = dc_field(repr=False, compare=False)
     _where: _Origin = dc_field(repr=False, compare=False)
+    _globals: dict[str, Any] = dc_field(repr=False, compare=False, default_factory=dict)
 
     def render(self, context: Mapping[str, Any]) -> str:
         """Render for one row (plus :data:`PROVIDED_NAMES`); the output is exact, never stripped."""
+        template = self._template
+        parent = {**self._globals, **context}
         try:
-            return self._template.render(context)
+            try:
+                return "".join(template.root_render_func(_context(template, parent)))
+            except Exception:
+                template.environment.handle_exception()  # re-raises with template lines in the traceback
+                raise  # pragma: no cover - handle_exception always raises
         except Exception as exc:
             raise self._where.translate(exc) from None
 
@@ -179,10 +195,20 @@ class CompiledExpression:
     variables: frozenset[str]
     _expression: TemplateExpression = dc_field(repr=False, compare=False)
     _where: _Origin = dc_field(repr=False, compare=False)
+    _globals: dict[str, Any] = dc_field(repr=False, compare=False, default_factory=dict)
 
     def __call__(self, context: Mapping[str, Any]) -> Any:
+        template = self._expression._template
+        parent = {**self._globals, **context}
         try:
-            value = self._expression(context)
+            try:
+                ctx = _context(template, parent)
+                for _ in template.root_render_func(ctx):
+                    pass
+                value = ctx.vars["result"]
+            except Exception:
+                template.environment.handle_exception()
+                raise  # pragma: no cover
             if isinstance(value, Undefined):
                 value._fail_with_undefined_error()
             return value
@@ -242,7 +268,7 @@ class Templates:
             except JinjaSyntaxError as exc:
                 raise TemplateError(self._syntax_problem(exc, origin, at)) from None
         where = self._origin(env, origin, ast, at, inline=not value.endswith(".j2"))
-        return CompiledTemplate(origin, frozenset(where.locations), template, where)
+        return CompiledTemplate(origin, frozenset(where.locations), template, where, dict(template.globals))
 
     def expression(
         self, source: str, *, field: str, campaign_file: str | None = None, line: int | None = None
@@ -258,7 +284,9 @@ class Templates:
         ast = nodes.Template([nodes.Output([expr])], lineno=1)
         ast.set_environment(env)
         where = replace(self._origin(env, origin, ast, at, inline=True), kind="expression")
-        return CompiledExpression(origin, frozenset(where.locations), compiled, where)
+        return CompiledExpression(
+            origin, frozenset(where.locations), compiled, where, dict(compiled._template.globals)
+        )
 
     # -- helpers ----------------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from smartpush.audience import AudienceFile, Row, SeenIds
+from smartpush.audience import AudienceFile, Row
+from smartpush.dedup import SeenIds
 from smartpush.errors import AudienceError
 
 
