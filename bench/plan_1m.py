@@ -42,7 +42,10 @@ NAIVE = """
 import csv, sys
 import phonenumbers, email_validator, jinja2
 env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-sms = env.from_string(open(sys.argv[2], encoding="utf-8").read())
+sms = env.from_string(
+    "Assurance Maladie : {{ prenom }}, votre vaccin contre la grippe est pris en charge à 100 % "
+    "jusqu'au {{ date_limite }}. Parlez-en à votre pharmacien ou médecin."
+)
 ok = bad = 0
 with open(sys.argv[1], encoding="utf-8", newline="") as f:
     for row in csv.DictReader(f, delimiter=";"):
@@ -90,13 +93,20 @@ def main() -> None:
         everyone.write_text(
             campaign.read_text(encoding="utf-8").replace("  where:", "  # where:"), encoding="utf-8"
         )
-        sms_template = project / "templates" / "grippe" / "sms.txt.j2"
 
         runs = {
             "smartpush plan (where: age >= 65)": [str(BIN / "smartpush"), "plan", str(campaign), "--json"],
             "smartpush plan (every row)": [str(BIN / "smartpush"), "plan", str(everyone), "--json"],
+            "smartpush plan (every row, 1 process)": [
+                str(BIN / "smartpush"),
+                "plan",
+                str(everyone),
+                "--json",
+                "--processes",
+                "1",
+            ],
             "baseline: csv.reader only": [sys.executable, "-c", CSV_ONLY, str(audience)],
-            "baseline: naive script": [sys.executable, "-c", NAIVE, str(audience), str(sms_template)],
+            "baseline: naive script": [sys.executable, "-c", NAIVE, str(audience)],
         }
         results = {name: measure(cmd, project) for name, cmd in runs.items()}
 
@@ -109,8 +119,10 @@ def main() -> None:
         platform.processor(),
     )
     lines = [
-        f"### plan over {args.rows:,} rows — {dt.date.today()} — {os.cpu_count()} cores, {cpu}, "
-        f"Python {platform.python_version()}",
+        (
+            f"### plan over {args.rows:,} rows — {dt.date.today()} — {os.cpu_count()} cores, {cpu}, "
+            f"Python {platform.python_version()}"
+        ),
         "",
         "| run | wall s | rows/s | peak RSS MiB | exit |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -119,7 +131,7 @@ def main() -> None:
         lines.append(f"| {name} | {wall:.1f} | {args.rows / wall:,.0f} | {rss} | {code} |")
     naive = results["baseline: naive script"][0]
     floor = results["baseline: csv.reader only"][0]
-    for name in list(results)[:2]:
+    for name in list(results)[:3]:
         wall = results[name][0]
         lines.append("")
         lines.append(
