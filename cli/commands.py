@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING
 from smartpush.config import Config, load_config
 from smartpush.errors import ConfigError, SmartpushError
 from smartpush.loading import PreparedCampaign, load_campaign
+from smartpush.planning import Plan
 
 from . import output
 from .main import EXIT_INVALID
@@ -76,26 +76,55 @@ def _skip(rel: Path) -> bool:
     return rel.name == "__init__.py" or "__pycache__" in rel.parts
 
 
-def validate(state: State, campaign: Path, processes: int | None) -> None:
+def validate(state: State, campaigns: tuple[Path, ...], processes: int | None) -> None:
+    _each(state, campaigns, processes, lambda plan, prepared: output.validated(plan), output.validated_dict)
+
+
+def plan(state: State, campaigns: tuple[Path, ...], limit: int, processes: int | None) -> None:
+    _each(
+        state,
+        campaigns,
+        processes,
+        lambda plan, prepared: output.plan(plan, prepared, limit=limit),
+        output.plan_dict,
+    )
+
+
+def _each(
+    state: State,
+    campaigns: tuple[Path, ...],
+    processes: int | None,
+    show: Callable[[Plan, PreparedCampaign], None],
+    as_dict: Callable[[Plan], dict[str, object]],
+) -> None:
+    """Plan each campaign in turn; one campaign's problems do not stop the others. Exit: the worst."""
     from smartpush.planning import make_plan
 
-    with reporting(state):
-        prepared = _prepare(state, campaign)
-        result = make_plan(prepared, processes=processes)
-    output.validated(result, as_json=state.json)
-    if result.has_invalid:
-        raise SystemExit(EXIT_INVALID)
-
-
-def plan(state: State, campaign: Path, limit: int, processes: int | None) -> None:
-    from smartpush.planning import make_plan
-
-    with reporting(state):
-        prepared = _prepare(state, campaign)
-        result = make_plan(prepared, processes=processes)
-    output.plan(result, prepared, as_json=state.json, limit=limit)
-    if result.has_invalid:
-        raise SystemExit(EXIT_INVALID)
+    results: list[dict[str, object]] = []
+    worst = 0
+    for i, path in enumerate(campaigns):
+        if i and not state.json:
+            output.out.print()
+        try:
+            prepared = _prepare(state, path)
+            result = make_plan(prepared, processes=processes)
+        except SmartpushError as exc:
+            worst = max(worst, exc.exit_code)
+            if state.json:
+                results.append({"file": str(path), **output.error_dict(exc)})
+            else:
+                output.error(exc, as_json=False)
+            continue
+        if result.has_invalid:
+            worst = max(worst, EXIT_INVALID)
+        if state.json:
+            results.append(as_dict(result))
+        else:
+            show(result, prepared)
+    if state.json:
+        output.print_json(results[0] if len(results) == 1 else results)
+    if worst:
+        raise SystemExit(worst)
 
 
 def preview(state: State, campaign: Path, recipients: list[str], sample: int, show_addresses: bool) -> None:
@@ -124,7 +153,3 @@ def preview(state: State, campaign: Path, recipients: list[str], sample: int, sh
             )
     mask: Callable[[str], str] = (lambda a: a) if show_addresses else output.mask
     output.preview(prepared, found, mask=mask, as_json=state.json)
-
-
-def dump(data: object) -> str:
-    return json.dumps(data, ensure_ascii=False, indent=2, default=str)

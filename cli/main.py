@@ -102,12 +102,12 @@ def processes_option(f: F) -> F:
 
 
 @cli.command()
-@click.argument("campaign", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("campaigns", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
 @processes_option
 @common
 @click.pass_obj
-def validate(state: State, campaign: Path, processes: int | None) -> None:
-    """Check CAMPAIGN completely without sending anything.
+def validate(state: State, campaigns: tuple[Path, ...], processes: int | None) -> None:
+    """Check each CAMPAIGN file completely without sending anything.
 
     Checks the file's fields, the provider accounts, that templates compile and only use columns the
     audience has, then reads every row of the audience. Lists every problem at once, with file, line
@@ -115,7 +115,7 @@ def validate(state: State, campaign: Path, processes: int | None) -> None:
     """
     from . import commands
 
-    commands.validate(state, campaign, processes)
+    commands.validate(state, campaigns, processes)
 
 
 @cli.command()
@@ -153,7 +153,7 @@ def preview(
 
 
 @cli.command()
-@click.argument("campaign", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("campaigns", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--limit",
     type=click.IntRange(0),
@@ -164,15 +164,15 @@ def preview(
 @processes_option
 @common
 @click.pass_obj
-def plan(state: State, campaign: Path, limit: int, processes: int | None) -> None:
-    """Dry-run CAMPAIGN over its whole audience, without sending.
+def plan(state: State, campaigns: tuple[Path, ...], limit: int, processes: int | None) -> None:
+    """Dry-run each CAMPAIGN file over its whole audience, without sending.
 
     Shows recipients per channel and provider, invalid rows with their line numbers, duplicates, SMS
     parts and cost, segments, and the duration the rate limits impose. Exits 1 if any row is invalid.
     """
     from . import commands
 
-    commands.plan(state, campaign, limit, processes)
+    commands.plan(state, campaigns, limit, processes)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,14 +23,22 @@ out = Console(highlight=False, soft_wrap=False)
 err = Console(stderr=True, highlight=False)
 
 
-def _json(data: object) -> None:
+def print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
 
 
+def _problems(exc: SmartpushError) -> Sequence[Problem]:
+    return exc.problems if isinstance(exc, ConfigError) else [Problem(str(exc))]
+
+
+def error_dict(exc: SmartpushError) -> dict[str, Any]:
+    return {"ok": False, "error": type(exc).__name__, "problems": [p.as_dict() for p in _problems(exc)]}
+
+
 def error(exc: SmartpushError, *, as_json: bool) -> None:
-    problems: Sequence[Problem] = exc.problems if isinstance(exc, ConfigError) else [Problem(str(exc))]
+    problems = _problems(exc)
     if as_json:
-        _json({"ok": False, "error": type(exc).__name__, "problems": [p.as_dict() for p in problems]})
+        print_json(error_dict(exc))
         return
     noun = "problem" if len(problems) == 1 else "problems"
     err.print(f"[bold red]{len(problems)} {noun}[/] to fix:")
@@ -45,7 +53,7 @@ def warnings(problems: Sequence[Problem]) -> None:
 
 def initialised(directory: Path, written: list[str], *, as_json: bool) -> None:
     if as_json:
-        _json({"ok": True, "directory": str(directory), "files": written})
+        print_json({"ok": True, "directory": str(directory), "files": written})
         return
     out.print(f"Wrote {len(written)} files into [bold]{escape(str(directory))}[/]. Next:")
     out.print(f"  cd {escape(str(directory))}")
@@ -74,6 +82,7 @@ def _entry(e: InvalidEntry) -> dict[str, Any]:
 
 def plan_dict(p: Plan) -> dict[str, Any]:
     return {
+        "ok": not p.has_invalid,
         "campaign": p.campaign,
         "file": p.file,
         "category": p.category,
@@ -144,10 +153,7 @@ def _invalid_table(p: Plan, limit: int) -> None:
         out.print(f"  … and {total - len(shown)} more (all of them with --limit 0 or --json)")
 
 
-def plan(p: Plan, prepared: PreparedCampaign, *, as_json: bool, limit: int) -> None:
-    if as_json:
-        _json({"ok": not p.has_invalid, **plan_dict(p)})
-        return
+def plan(p: Plan, prepared: PreparedCampaign, *, limit: int) -> None:
     out.print(f"[bold]Plan for {escape(p.campaign)}[/] ({p.category}, strategy {p.strategy})")
     delim = f" · delimiter '{p.delimiter}'" if p.delimiter else ""
     out.print(f"Audience {escape(p.audience)} · {p.encoding}{delim} · {p.rows:,} rows")
@@ -214,20 +220,20 @@ def plan(p: Plan, prepared: PreparedCampaign, *, as_json: bool, limit: int) -> N
     out.print(f"Planned {p.rows:,} rows in {p.elapsed_s:.1f} s{procs}. {status}")
 
 
-def validated(p: Plan, *, as_json: bool) -> None:
-    if as_json:
-        _json(
-            {
-                "ok": not p.has_invalid,
-                "campaign": p.campaign,
-                "rows": p.rows,
-                "recipients": p.recipients,
-                "duplicates": [{"line": a, "first_line": b} for a, b in p.duplicates],
-                "invalid_rows": [_entry(e) for e in p.invalid_rows],
-                "invalid_messages": [_entry(e) for e in p.invalid_messages],
-            }
-        )
-        return
+def validated_dict(p: Plan) -> dict[str, Any]:
+    return {
+        "ok": not p.has_invalid,
+        "campaign": p.campaign,
+        "file": p.file,
+        "rows": p.rows,
+        "recipients": p.recipients,
+        "duplicates": [{"line": a, "first_line": b} for a, b in p.duplicates],
+        "invalid_rows": [_entry(e) for e in p.invalid_rows],
+        "invalid_messages": [_entry(e) for e in p.invalid_messages],
+    }
+
+
+def validated(p: Plan) -> None:
     for line, first in p.duplicates:
         out.print(
             f"[yellow]duplicate[/] {escape(p.audience)}:{line}: same recipient id as line {first}; sent once"
@@ -258,7 +264,7 @@ def preview(
     prepared: PreparedCampaign, found: list[RecipientOutcome], *, mask: Callable[[str], str], as_json: bool
 ) -> None:
     if as_json:
-        _json({"campaign": prepared.name, "recipients": [_preview_dict(o, mask) for o in found]})
+        print_json({"campaign": prepared.name, "recipients": [_preview_dict(o, mask) for o in found]})
         return
     if not found:
         out.print("No recipient to show: every row is invalid, left out or unreachable (run `plan`).")

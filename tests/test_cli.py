@@ -170,3 +170,15 @@ def test_french_export_in_cp1252_is_detected(project: Path, run_cli: Run) -> Non
     data.write_bytes(data.read_text(encoding="utf-8").encode("cp1252", errors="replace"))
     result = run_cli("plan", CAMPAIGN, "--json", cwd=project)
     assert json.loads(result.stdout)["audience"]["encoding"] == "cp1252"
+
+
+def test_several_campaigns_at_once(project: Path, run_cli: Run) -> None:
+    broken = project / "campaigns" / "broken.yaml"
+    broken.write_text((project / CAMPAIGN).read_text().replace("name: rappel-vaccination-grippe", "name: Cassé"))
+    result = run_cli("plan", CAMPAIGN, "campaigns/broken.yaml", "--json", cwd=project)
+    assert result.returncode == 1  # the worst of the two
+    good, bad = json.loads(result.stdout)
+    assert good["ok"] is True and good["campaign"] == "rappel-vaccination-grippe"
+    assert bad["ok"] is False and bad["problems"][0]["field"] == "name"
+    human = run_cli("validate", CAMPAIGN, "campaigns/broken.yaml", cwd=project)
+    assert "is valid" in human.stdout and "broken.yaml:2:7: name:" in human.stderr
