@@ -80,6 +80,14 @@ def _entry(e: InvalidEntry) -> dict[str, Any]:
     return {"line": e.line, "channel": e.channel, "code": e.code, "reason": e.reason}
 
 
+def _findings(p: Plan) -> dict[str, Any]:
+    return {
+        "duplicates": [{"line": line, "first_line": first} for line, first in p.duplicates],
+        "invalid_rows": [_entry(e) for e in p.invalid_rows],
+        "invalid_messages": [_entry(e) for e in p.invalid_messages],
+    }
+
+
 def plan_dict(p: Plan) -> dict[str, Any]:
     return {
         "ok": not p.has_invalid,
@@ -92,9 +100,7 @@ def plan_dict(p: Plan) -> dict[str, Any]:
         "messages": p.messages,
         "filtered_out": p.filtered,
         "unreachable": p.unreachable,
-        "duplicates": [{"line": line, "first_line": first} for line, first in p.duplicates],
-        "invalid_rows": [_entry(e) for e in p.invalid_rows],
-        "invalid_messages": [_entry(e) for e in p.invalid_messages],
+        **_findings(p),
         "channels": [
             {
                 "channel": c.channel,
@@ -227,9 +233,7 @@ def validated_dict(p: Plan) -> dict[str, Any]:
         "file": p.file,
         "rows": p.rows,
         "recipients": p.recipients,
-        "duplicates": [{"line": a, "first_line": b} for a, b in p.duplicates],
-        "invalid_rows": [_entry(e) for e in p.invalid_rows],
-        "invalid_messages": [_entry(e) for e in p.invalid_messages],
+        **_findings(p),
     }
 
 

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -22,7 +21,7 @@ from . import registry
 from .errors import ConfigError, Problem
 from .provider import ProviderOptions
 from .schema import did_you_mean, problems_from
-from .units import Duration
+from .units import Duration, TimeZoneName
 from .yamlfile import Locations, PathPart, load, load_text
 
 __all__ = ["CONFIG_FILE", "Config", "Settings", "load_config"]
@@ -51,20 +50,11 @@ class Settings(BaseModel):
     #: Phones written without a country code are read as numbers of this region.
     region: str = "FR"
     locale: str = "fr_FR"
-    timezone: str = "Europe/Paris"
+    timezone: TimeZoneName = "Europe/Paris"
     #: How long per-message personal data is kept before `purge` removes it.
     retention: Duration = Field(default="30d", validate_default=True)
     unsubscribe_mailto: str | None = None
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
-
-    @field_validator("timezone")
-    @classmethod
-    def _tz(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"'{value}' is not a time zone; write a name such as Europe/Paris") from None
-        return value
 
     @field_validator("region")
     @classmethod

@@ -170,7 +170,7 @@ def _scan_shard(shard: Shard) -> _Scan:
 
 
 def _scans(prepared: PreparedCampaign, processes: int) -> tuple[list[_Scan], int]:
-    global _FORKED  # noqa: PLW0603 - handed to forked children, reset below
+    global _FORKED
     shards = prepared.audience.shards(processes) if processes > 1 else None
     if not shards or "fork" not in multiprocessing.get_all_start_methods():
         return [_scan(prepared, prepared.audience)], 1

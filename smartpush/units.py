@@ -6,10 +6,20 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BeforeValidator, PlainSerializer
+from pydantic import AfterValidator, BeforeValidator, PlainSerializer
 
-__all__ = ["Duration", "Rate", "RateValue", "format_duration", "parse_duration", "parse_rate"]
+__all__ = [
+    "Duration",
+    "Rate",
+    "RateValue",
+    "TimeZoneName",
+    "check_timezone",
+    "format_duration",
+    "parse_duration",
+    "parse_rate",
+]
 
 _UNIT_SECONDS = {
     "ms": 0.001,
@@ -108,3 +118,15 @@ Duration = Annotated[
     PlainSerializer(format_duration, return_type=str),
 ]
 Rate = Annotated[RateValue, BeforeValidator(parse_rate), PlainSerializer(str, return_type=str)]
+
+
+def check_timezone(value: str) -> str:
+    """``value`` if it names an IANA time zone (``Europe/Paris``), else a :class:`ValueError` saying so."""
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"'{value}' is not a time zone; write a name such as Europe/Paris") from None
+    return value
+
+
+TimeZoneName = Annotated[str, AfterValidator(check_timezone)]
