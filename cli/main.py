@@ -175,6 +175,186 @@ def plan(state: State, campaigns: tuple[Path, ...], limit: int, processes: int |
     commands.plan(state, campaigns, limit, processes)
 
 
+@cli.command()
+@click.argument("campaign", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--key",
+    metavar="KEY",
+    help="Idempotency key: a second launch with the same key returns the first run instead.",
+)
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="With a broker: return once the run is queued instead of following it to the end.",
+)
+@click.option("--strict", is_flag=True, help="Refuse to send anything if any row is invalid (exit 1).")
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Embedded mode: worker threads sending in this process.",
+)
+@common
+@click.pass_obj
+def send(
+    state: State, campaign: Path, yes: bool, key: str | None, detach: bool, strict: bool, threads: int
+) -> None:
+    """Launch a run of CAMPAIGN.
+
+    Embedded (no broker configured) it sends in this process and shows progress until every message is
+    final. With a broker it queues the run's segments for `smartpush worker` processes and follows the
+    run (or returns at once with --detach). Exit 0 when nothing failed, 3 when some messages failed.
+    """
+    from . import runs
+
+    runs.send(state, campaign, yes=yes, key=key, detach=detach, strict=strict, threads=threads)
+
+
+@cli.command()
+@click.option(
+    "--processes",
+    "-p",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Worker processes. Default: one per core.",
+)
+@click.option(
+    "--threads",
+    "-t",
+    type=click.IntRange(1, 256),
+    default=8,
+    show_default=True,
+    help="Segments processed at once per process (each sends many messages concurrently).",
+)
+@click.option(
+    "--queues",
+    "-Q",
+    multiple=True,
+    type=click.Choice(["urgent", "normal", "bulk"]),
+    help="Serve only these priorities (repeat). Default: all.",
+)
+@common
+@click.pass_obj
+def worker(state: State, processes: int | None, threads: int, queues: tuple[str, ...]) -> None:
+    """Run workers for the configured broker (distributed mode).
+
+    Start as many as you like, on as many machines: they share the broker, the rate limits and the
+    ledger. Stop with Ctrl-C or SIGTERM: segments in progress finish first.
+    """
+    from . import runs
+
+    runs.worker(state, processes, threads, queues)
+
+
+@cli.command("runs")
+@click.option("--campaign", metavar="NAME", help="Only the runs of this campaign.")
+@click.option("--limit", type=click.IntRange(1), default=20, show_default=True, help="How many runs.")
+@common
+@click.pass_obj
+def runs_(state: State, campaign: str | None, limit: int) -> None:
+    """List runs, newest first, with their state and counts."""
+    from . import runs
+
+    runs.list_runs(state, campaign, limit)
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--watch", is_flag=True, help="Refresh until the run is over.")
+@common
+@click.pass_obj
+def status(state: State, run: str, watch: bool) -> None:
+    """Show RUN's progress: counts per status and channel, rate and ETA.
+
+    RUN is a run id, the first characters of one, or the --key it was launched with.
+    """
+    from . import runs
+
+    runs.status(state, run, watch)
+
+
+def _control(name: str, doc: str) -> None:
+    @cli.command(name, help=doc)
+    @click.argument("run")
+    @common
+    @click.pass_obj
+    def command(state: State, run: str) -> None:
+        from . import runs
+
+        runs.control(state, name, run)
+
+
+_control("pause", "Pause RUN: workers stop sending its messages within seconds; nothing is lost.")
+_control("resume", "Resume a paused RUN (or one whose workers all stopped) where it stopped.")
+_control("cancel", "Cancel RUN: messages not yet sent become `cancelled`; sent ones stay sent.")
+
+
+@cli.command()
+@click.argument("run")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "html"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    metavar="STATUS",
+    help="Only messages in this status (repeat for several).",
+)
+@click.option(
+    "--include-addresses",
+    is_flag=True,
+    help="Add the phone, email or token of each message (personal data: handle with care).",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write to this file instead of standard output.",
+)
+@common
+@click.pass_obj
+def report(
+    state: State, run: str, fmt: str, statuses: tuple[str, ...], include_addresses: bool, output: Path | None
+) -> None:
+    """Final counts and one record per message of RUN.
+
+    Columns: message_id, recipient_id, channel, provider, status, attempts, created_at, sent_at,
+    delivered_at, provider_reference, error.
+    """
+    from . import runs
+
+    runs.report(state, run, fmt, statuses, include_addresses, output)
+
+
+@cli.command()
+@click.argument("run")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    required=True,
+    metavar="STATUS",
+    help="Resend to the recipients with a message in this status (repeat for several).",
+)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--detach", is_flag=True, help="With a broker: return once the run is queued.")
+@common
+@click.pass_obj
+def resend(state: State, run: str, statuses: tuple[str, ...], yes: bool, detach: bool) -> None:
+    """Start a new run of RUN's campaign for just the recipients whose messages are in STATUS."""
+    from . import runs
+
+    runs.resend(state, run, statuses, yes=yes, detach=detach)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the command and turns errors into exit codes."""
     try:

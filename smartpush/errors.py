@@ -9,6 +9,12 @@ must fix. The tree::
     │   └── AudienceError      the audience file cannot be read at all (missing, undecodable, no header)
     ├── RecipientError         one row's address is unusable; the row is counted ``invalid``, never raised
     │                          out of a run
+    ├── ProviderError          a provider did not accept one message; the class decides what happens next
+    │   ├── ThrottledError     slow down: wait ``retry_after_s`` and retry; spends no attempt
+    │   ├── TransientError     5xx, timeout, connection reset: retry with backoff up to max_attempts
+    │   ├── PermanentError     invalid number, unknown address, unregistered token: never retried
+    │   └── TechnicalError     our side or our credentials: never retried for this message
+    ├── RunNotFound            no run has that id or key
     └── InfrastructureError    the broker, the database or a provider account cannot be reached (exit 4)
 
 Messages never contain an address, a token or a secret: they name the file, the line, the field and
@@ -25,10 +31,16 @@ __all__ = [
     "AudienceError",
     "ConfigError",
     "InfrastructureError",
+    "PermanentError",
     "Problem",
+    "ProviderError",
     "RecipientError",
+    "RunNotFound",
     "SmartpushError",
+    "TechnicalError",
     "TemplateError",
+    "ThrottledError",
+    "TransientError",
 ]
 
 
@@ -122,3 +134,61 @@ class InfrastructureError(SmartpushError):
     """Something smartpush depends on is unreachable or refuses us: broker, database, a provider."""
 
     exit_code = 4
+
+
+class ProviderError(SmartpushError):
+    """A provider did not accept one message. Retry is decided by the subclass alone.
+
+    ``code`` is the provider's own error code or HTTP status (for reports), ``detail`` a short text
+    for a person; neither may contain the recipient's address or the message body.
+    """
+
+    #: The ledger status a message ends in when this error is final for it.
+    status = "technical-failure"
+
+    def __init__(self, detail: str, *, code: str | None = None, retry_after_s: float | None = None) -> None:
+        self.detail = detail
+        self.code = code
+        self.retry_after_s = retry_after_s
+        super().__init__(f"{code}: {detail}" if code else detail)
+
+
+class ThrottledError(ProviderError):
+    """The provider asks us to slow down (HTTP 429, SMTP 4.7.x, QUOTA_EXCEEDED): wait, then retry.
+
+    A throttled send is not an attempt: it does not count towards ``max_attempts``.
+    """
+
+    status = "temporary-failure"
+
+
+class TransientError(ProviderError):
+    """A failure that may pass (5xx, timeout, connection error): retried with backoff."""
+
+    status = "temporary-failure"
+
+
+class PermanentError(ProviderError):
+    """The provider will never accept this message for this address: not retried.
+
+    ``suppress`` is true when the address itself is dead (unregistered token, hard bounce) and belongs
+    on the suppression list.
+    """
+
+    status = "permanent-failure"
+
+    def __init__(self, detail: str, *, code: str | None = None, suppress: bool = False) -> None:
+        super().__init__(detail, code=code)
+        self.suppress = suppress
+
+
+class TechnicalError(ProviderError):
+    """Our side is wrong (credentials refused, malformed request, a bug): not retried for this message."""
+
+    status = "technical-failure"
+
+
+class RunNotFound(SmartpushError):
+    """No run has the id, id prefix or key the user gave."""
+
+    exit_code = 1

@@ -124,8 +124,9 @@ _NORMALISERS: dict[Channel, Callable[[str, str], str]] = {
 class Evaluator:
     """Evaluates rows of a prepared campaign; iterate it to stream the whole audience.
 
-    ``render`` chooses which channels are rendered: ``"due"`` (the ones that will be sent now) or
-    ``"all"`` (every channel with a valid address, for previews). ``keep_data`` keeps the row's cells
+    ``render`` chooses which channels are rendered: ``"due"`` (the ones that will be sent now),
+    ``"all"`` (every channel with a valid address, for previews) or ``"none"`` (addresses only: a
+    launch stores rows, workers render them when they send). ``keep_data`` keeps the row's cells
     on the outcome (previews only: it costs memory). ``dedup=False`` leaves duplicate ids to the
     caller (a plan split over several processes checks them once, in line order).
     """
@@ -134,7 +135,7 @@ class Evaluator:
         self,
         prepared: PreparedCampaign,
         *,
-        render: Literal["due", "all"] = "due",
+        render: Literal["due", "all", "none"] = "due",
         keep_data: bool = False,
         dedup: bool = True,
         unsubscribe_url: Callable[[str, Channel], str] | None = None,
@@ -229,20 +230,27 @@ class Evaluator:
         except RecipientError as exc:
             return ChannelOutcome(channel, "invalid", code=exc.code, reason=exc.reason)
         due = not (self.first_reachable and reached)
-        if not due and self.render_mode == "due":
-            return ChannelOutcome(channel, "fallback", address=address)
+        if self.render_mode == "none" or (not due and self.render_mode == "due"):
+            return ChannelOutcome(channel, "send" if due else "fallback", address=address)
         try:
             rendered = self.render(channel, data, rid)
         except RecipientError as exc:
             return ChannelOutcome(channel, "invalid", address=address, code=exc.code, reason=exc.reason)
         return ChannelOutcome(channel, "send" if due else "fallback", address=address, rendered=rendered)
 
-    def render(self, channel: PreparedChannel, data: dict[str, Any], rid: str) -> Rendered:
-        """Render every template of ``channel`` for one row; a :class:`RecipientError` when it cannot."""
+    def render(
+        self, channel: PreparedChannel, data: dict[str, Any], rid: str, *, unsubscribe_url: str | None = None
+    ) -> Rendered:
+        """Render every template of ``channel`` for one row; a :class:`RecipientError` when it cannot.
+
+        ``unsubscribe_url`` is the recipient's real link when sending (previews use a placeholder).
+        """
         context = dict(data)
         context.update(self.globals)
         context["recipient_id"] = rid
-        if channel.index in self.with_unsubscribe:
+        if unsubscribe_url is not None:
+            context["unsubscribe_url"] = unsubscribe_url
+        elif channel.index in self.with_unsubscribe:
             context["unsubscribe_url"] = self.unsubscribe_url(rid, channel.channel)
         fields: dict[str, str] = {}
         try:

@@ -1,0 +1,363 @@
+"""Bodies of the run commands: send, worker, runs, status, pause/resume/cancel, report, resend."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from smartpush.audience import Row
+from smartpush.config import Config, load_config
+from smartpush.errors import ConfigError, InfrastructureError, SmartpushError
+from smartpush.ledger import FAILED, FINAL, Ledger, RunRecord, RunState, Status
+from smartpush.loading import PreparedCampaign, load_campaign
+from smartpush.provider import Channel
+
+from . import output, runview
+from .commands import reporting
+from .main import EXIT_INVALID, EXIT_PARTIAL
+
+if TYPE_CHECKING:
+    from smartpush.engine import Engine
+
+    from .main import State
+
+#: How often a followed run's progress is read from the ledger.
+POLL_S = 0.5
+
+
+def _ledger(config: Config) -> Ledger:
+    from smartpush.runtime import database_url
+
+    try:
+        ledger = Ledger(database_url(config))
+        ledger.migrate()
+    except SmartpushError:
+        raise
+    except Exception as exc:  # SQLAlchemy's OperationalError and friends: the database is out of reach
+        raise InfrastructureError(
+            f"the ledger database cannot be reached ({type(exc).__name__}); check `database:` in "
+            f"{config.source} or SMARTPUSH_DATABASE_URL"
+        ) from None
+    return ledger
+
+
+def _engine(config: Config) -> Engine:
+    from smartpush.engine import Engine
+
+    try:
+        return Engine(config)
+    except SmartpushError:
+        raise
+    except Exception as exc:  # redis.ConnectionError, database errors
+        raise InfrastructureError(
+            f"the broker or the ledger cannot be reached ({type(exc).__name__}); check `broker:` and "
+            f"`database:` in {config.source}"
+        ) from None
+
+
+def _exit_code(counts: dict[tuple[str, Status], int]) -> int:
+    return EXIT_PARTIAL if any(n for (_, s), n in counts.items() if s in FAILED) else 0
+
+
+def send(
+    state: State, campaign: Path, *, yes: bool, key: str | None, detach: bool, strict: bool, threads: int
+) -> None:
+    from smartpush.launch import launch
+
+    with reporting(state):
+        config = load_config(state.config)
+        prepared = load_campaign(campaign, config)
+        if not state.json:
+            output.warnings(prepared.warnings)
+        if strict:
+            from smartpush.planning import make_plan
+
+            plan = make_plan(prepared)
+            if plan.has_invalid:
+                if state.json:
+                    output.print_json(output.plan_dict(plan))
+                else:
+                    output.validated(plan)
+                    output.err.print("--strict: nothing was sent.")
+                raise SystemExit(EXIT_INVALID)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise click.UsageError("confirmation needed: add --yes to send without a terminal")
+            runview.confirm(prepared, config)
+        engine = _engine(config)
+        embedded = config.settings.broker is None
+        worker = engine.worker(threads) if embedded else None
+        try:
+            result = launch(engine.rt, prepared, enqueue=engine.enqueue, key=key)
+            run = result.run
+            if not result.created and not state.json:
+                output.err.print(f"A run with key {key!r} exists already: {run.id} ({run.state}).")
+            if embedded and not result.created and run.state is RunState.RUNNING:
+                engine.recover(run.id)  # an earlier embedded send was interrupted: carry on from the ledger
+            if not state.json:
+                runview.launched(result)
+            if detach and not embedded:
+                _print_run(state, engine.rt.ledger, run.id)
+                return
+            counts = _follow(state, engine.rt.ledger, run.id, embedded=embedded)
+        finally:
+            if worker is not None:
+                worker.stop()
+            engine.close()
+        raise SystemExit(_exit_code(counts))
+
+
+def _follow(
+    state: State, ledger: Ledger, run_id: str, *, embedded: bool = False
+) -> dict[tuple[str, Status], int]:
+    """Show progress until the run is finished or cancelled (or paused, embedded); returns the counts."""
+    with runview.Progress(enabled=not state.json) as progress:
+        while True:
+            run = ledger.get_run(run_id)
+            counts = ledger.counts(run_id)
+            assert run is not None  # noqa: S101 - it was just created
+            progress.update(run, counts)
+            if run.state in (RunState.FINISHED, RunState.CANCELLED):
+                break
+            if run.state is RunState.PAUSED:
+                if embedded:
+                    break  # this process is the only sender: let it go; `resume` picks the run up again
+                progress.note("paused: `smartpush resume` continues it")
+            time.sleep(POLL_S)
+    _print_run(state, ledger, run_id)
+    return counts
+
+
+def _print_run(state: State, ledger: Ledger, run_id: str) -> None:
+    run = ledger.get_run(run_id)
+    assert run is not None  # noqa: S101
+    counts = ledger.counts(run_id)
+    if state.json:
+        output.print_json(runview.run_dict(run, counts))
+    else:
+        runview.summary(run, counts)
+
+
+def worker(state: State, processes: int | None, threads: int, queues: tuple[str, ...]) -> None:
+    import dramatiq.cli
+
+    from smartpush.queueing import queue_name
+
+    with reporting(state):
+        config = load_config(state.config)
+        if config.settings.broker is None:
+            raise ConfigError(
+                f"{config.source} has no `broker:`: workers serve a shared broker such as "
+                "redis://localhost:6379/0 "
+                "(embedded `smartpush send` needs no worker)"
+            )
+        _engine(config).close()  # fail here, clearly, if the broker or the ledger is out of reach
+    if config.source and not config.source.startswith("("):
+        os.environ["SMARTPUSH_CONFIG"] = str(Path(config.source).resolve())
+    args = [
+        "smartpush.workerboot:setup",
+        "--threads",
+        str(threads),
+        "--processes",
+        str(processes or os.cpu_count() or 1),
+    ]
+    for q in queues or ("urgent", "normal", "bulk"):
+        args += ["--queues", queue_name(q)]
+    parsed = dramatiq.cli.make_argument_parser().parse_args(args)  # type: ignore[no-untyped-call]
+    raise SystemExit(dramatiq.cli.main(parsed))  # type: ignore[no-untyped-call]
+
+
+def list_runs(state: State, campaign: str | None, limit: int) -> None:
+    with reporting(state):
+        ledger = _ledger(load_config(state.config))
+        found = [(run, ledger.counts(run.id)) for run in ledger.list_runs(campaign=campaign, limit=limit)]
+    if state.json:
+        output.print_json([runview.run_dict(run, counts) for run, counts in found])
+    else:
+        runview.run_table(found)
+
+
+def _find(ledger: Ledger, ref: str) -> RunRecord:
+    return ledger.find_run(ref)
+
+
+def status(state: State, ref: str, watch: bool) -> None:
+    with reporting(state):
+        config = load_config(state.config)
+        ledger = _ledger(config)
+        run = _find(ledger, ref)
+        if watch and run.state not in (RunState.FINISHED, RunState.CANCELLED):
+            _follow(state, ledger, run.id)
+            return
+        _print_run(state, ledger, run.id)
+
+
+def control(state: State, action: str, ref: str) -> None:
+    with reporting(state):
+        config = load_config(state.config)
+        now = datetime.now(UTC)
+        if action == "resume":
+            embedded = config.settings.broker is None
+            engine = _engine(config)
+            worker = engine.worker() if embedded else None
+            try:
+                run = engine.rt.ledger.find_run(ref)
+                changed = engine.rt.ledger.set_run_state(
+                    run.id, RunState.RUNNING, only_from=frozenset({RunState.PAUSED})
+                )
+                queued = 0
+                if run.state in (RunState.PAUSED, RunState.RUNNING):
+                    queued = engine.recover(run.id) if embedded else engine.resume(run.id)
+                if embedded and queued:  # this process is the sender: follow the run to its end
+                    counts = _follow(state, engine.rt.ledger, run.id, embedded=True)
+                    raise SystemExit(_exit_code(counts))
+            finally:
+                if worker is not None:
+                    worker.stop()
+                engine.close()
+            message = (
+                f"run {run.id} resumed: {queued} segment(s) queued"
+                if changed or queued
+                else f"run {run.id} is {run.state}: nothing to resume"
+            )
+        else:
+            ledger = _ledger(config)
+            run = ledger.find_run(ref)
+            if action == "pause":
+                changed = ledger.set_run_state(
+                    run.id, RunState.PAUSED, only_from=frozenset({RunState.RUNNING, RunState.SPLITTING})
+                )
+                message = f"run {run.id} paused" if changed else f"run {run.id} is {run.state}: cannot pause"
+            else:
+                changed = ledger.set_run_state(
+                    run.id,
+                    RunState.CANCELLED,
+                    only_from=frozenset({RunState.RUNNING, RunState.SPLITTING, RunState.PAUSED}),
+                )
+                cancelled = ledger.cancel_unsent(run.id, now) if changed else 0
+                message = (
+                    f"run {run.id} cancelled: {cancelled} message(s) will not be sent"
+                    if changed
+                    else f"run {run.id} is {run.state}: cannot cancel"
+                )
+        if state.json:
+            output.print_json({"ok": bool(changed), "run_id": run.id, "action": action, "message": message})
+        else:
+            output.out.print(message)
+        if not changed and action != "resume":
+            raise SystemExit(EXIT_INVALID)
+
+
+def report(
+    state: State,
+    ref: str,
+    fmt: str,
+    statuses: tuple[str, ...],
+    include_addresses: bool,
+    output_path: Path | None,
+) -> None:
+    with reporting(state):
+        wanted = _statuses(statuses)
+        ledger = _ledger(load_config(state.config))
+        run = _find(ledger, ref)
+        if state.json:
+            fmt = "json"
+        stream = output_path.open("w", encoding="utf-8", newline="") if output_path else sys.stdout
+        try:
+            runview.report(
+                stream,
+                fmt,
+                run,
+                ledger.counts(run.id),
+                ledger.messages(run.id, statuses=wanted),
+                include_addresses=include_addresses,
+            )
+        finally:
+            if output_path:
+                stream.close()
+
+
+def _statuses(values: tuple[str, ...]) -> list[Status] | None:
+    if not values:
+        return None
+    known = [s.value for s in Status]
+    out = []
+    for v in values:
+        if v not in known:
+            from smartpush.schema import did_you_mean
+
+            raise click.BadParameter(
+                f"'{v}' is not a status{did_you_mean(v, known)}; statuses: {', '.join(known)}",
+                param_hint="--status",
+            )
+        out.append(Status(v))
+    return out
+
+
+def resend(state: State, ref: str, statuses: tuple[str, ...], *, yes: bool, detach: bool) -> None:
+    from smartpush.launch import launch
+
+    with reporting(state):
+        wanted = _statuses(statuses) or []
+        if any(s not in FINAL for s in wanted):
+            raise click.BadParameter("only final statuses can be resent", param_hint="--status")
+        config = load_config(state.config)
+        engine = _engine(config)
+        embedded = config.settings.broker is None
+        worker = engine.worker() if embedded else None
+        try:
+            ledger = engine.rt.ledger
+            old = ledger.find_run(ref)
+            prepared = load_campaign(Path(old.campaign_file), config)
+            chosen = _recipients_to_resend(prepared, ledger, old.id, set(wanted))
+            if not chosen:
+                raise ConfigError(
+                    f"run {old.id} has no message in status {', '.join(statuses)}: nothing to resend"
+                )
+            if not yes:
+                if not sys.stdin.isatty():
+                    raise click.UsageError("confirmation needed: add --yes to send without a terminal")
+                click.confirm(f"Send {prepared.name} again to {len(chosen):,} recipient(s)?", abort=True)
+            result = launch(engine.rt, prepared, enqueue=engine.enqueue, rows=chosen, parent_run_id=old.id)
+            if not state.json:
+                runview.launched(result)
+            if detach and not embedded:
+                _print_run(state, ledger, result.run.id)
+                return
+            counts = _follow(state, ledger, result.run.id, embedded=embedded)
+        finally:
+            if worker is not None:
+                worker.stop()
+            engine.close()
+        raise SystemExit(_exit_code(counts))
+
+
+def _recipients_to_resend(
+    prepared: PreparedCampaign, ledger: Ledger, run_id: str, wanted: set[Status]
+) -> list[Row]:
+    """Rows rebuilt from the ledger (stored context + each channel's address) for the chosen recipients."""
+    columns = prepared.campaign.audience.columns
+    id_column = prepared.campaign.audience.id
+    rows: list[Row] = []
+    current: str | None = None
+    row: dict[str, object] = {}
+    line = 0
+    keep = False
+    for m in ledger.messages(run_id, with_context=True):  # grouped: ordered by line, then channel
+        if m.recipient_id != current:
+            if keep:
+                rows.append(Row(line, row))
+            current, line, keep = m.recipient_id, m.line or 0, False
+            row = {**(m.context or {}), id_column: m.recipient_id}
+        if m.address is not None:
+            row[columns.for_channel(Channel(m.channel))] = m.address
+        keep = keep or (m.status in wanted and not m.recipient_id.startswith("#line:"))
+    if keep:
+        rows.append(Row(line, row))
+    return rows

@@ -1,0 +1,121 @@
+"""The dispatch engine of one process: runtime + broker + segment actors + sweeper.
+
+Embedded ``send`` builds an :class:`Engine` and starts worker threads in its own process; each
+``smartpush worker`` process builds one through :mod:`smartpush.workerboot`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime, timedelta
+
+import dramatiq
+
+from .config import Config
+from .ledger import RunState
+from .queueing import Dispatcher
+from .runtime import Runtime
+from .sending import process_segment
+
+__all__ = ["Engine"]
+
+logger = logging.getLogger("smartpush.engine")
+
+#: A message ``sending`` for longer than this lost its worker (a send takes at most the provider timeout).
+SENDING_GRACE = timedelta(minutes=5)
+#: A due ``created`` message untouched for this long lost its queued segment (e.g. Redis lost it).
+DUE_GRACE = timedelta(minutes=10)
+#: How often each worker process sweeps.
+SWEEP_INTERVAL_S = 30.0
+
+
+class Engine:
+    """Sends segments for the runs in one ledger, through one broker."""
+
+    def __init__(
+        self, config: Config, *, runtime: Runtime | None = None, broker: dramatiq.Broker | None = None
+    ) -> None:
+        self.config = config
+        self.rt = runtime or Runtime(config)
+        self.rt.ledger.migrate()
+        self.dispatcher = Dispatcher(config, self.handle, broker)
+        self._priorities: dict[str, str] = {}
+        self._stop = threading.Event()
+
+    @property
+    def broker(self) -> dramatiq.Broker:
+        return self.dispatcher.broker
+
+    def handle(self, run_id: str, segment: int) -> None:
+        """The body of the segment actor."""
+        process_segment(self.rt, self._enqueue_later, run_id, segment)
+
+    def priority(self, run_id: str) -> str:
+        if run_id not in self._priorities:
+            run = self.rt.ledger.get_run(run_id)
+            self._priorities[run_id] = run.priority if run is not None else "normal"
+        return self._priorities[run_id]
+
+    def enqueue(self, run_id: str, segment: int) -> None:
+        self.dispatcher.enqueue(run_id, segment, self.priority(run_id))
+
+    def _enqueue_later(self, run_id: str, segment: int, delay_ms: int | None) -> None:
+        self.dispatcher.enqueue(run_id, segment, self.priority(run_id), delay_ms=delay_ms)
+
+    def resume(self, run_id: str) -> int:
+        """Queue every segment of the run that still has messages to send; returns how many."""
+        segments = self.rt.ledger.pending_segments(run_id)
+        for segment in segments:
+            self.enqueue(run_id, segment)
+        return len(segments)
+
+    def recover(self, run_id: str) -> int:
+        """Embedded mode, after an interrupted ``send``: release what it left ``sending`` and requeue.
+
+        Only this process serves an embedded ledger, so nothing else can be sending those messages.
+        """
+        now = datetime.now(UTC)
+        for segment in self.rt.ledger.pending_segments(run_id):
+            self.rt.ledger.unstick(run_id, segment, sending_before=now, now=now)
+        return self.resume(run_id)
+
+    def sweep(self) -> int:
+        """Requeue segments whose worker died or whose queued message was lost; finish finished runs."""
+        ledger = self.rt.ledger
+        now = datetime.now(UTC)
+        found = ledger.stuck(sending_before=now - SENDING_GRACE, due_before=now - DUE_GRACE)
+        for run_id, segment in found:
+            released = ledger.unstick(run_id, segment, sending_before=now - SENDING_GRACE, now=now)
+            logger.warning(
+                "sweeper: run %s segment %d requeued (%d messages were stuck)", run_id, segment, released
+            )
+            self.enqueue(run_id, segment)
+        for run in ledger.list_runs(limit=200):
+            if run.state is RunState.RUNNING and run.split_complete:
+                ledger.finish_if_done(run.id, now)
+        return len(found)
+
+    def start_sweeper(self) -> threading.Thread:
+        def loop() -> None:
+            while not self._stop.wait(SWEEP_INTERVAL_S):
+                try:
+                    self.sweep()
+                except Exception:  # the sweeper must outlive a database hiccup
+                    logger.exception("sweeper failed; trying again in %d s", int(SWEEP_INTERVAL_S))
+
+        thread = threading.Thread(target=loop, name="smartpush-sweeper", daemon=True)
+        thread.start()
+        return thread
+
+    def worker(self, threads: int = 8) -> dramatiq.Worker:
+        """Start in-process worker threads on every smartpush queue (embedded mode and tests)."""
+        worker = dramatiq.Worker(
+            self.broker, queues=self.dispatcher.queues, worker_threads=threads, worker_timeout=100
+        )
+        worker.start()
+        return worker
+
+    def close(self) -> None:
+        self._stop.set()
+        self.rt.close()

@@ -1,0 +1,198 @@
+"""Launching a run: one run row, then the audience split into message rows and segments.
+
+The split streams the audience once; every recipient × channel becomes a message row with its id made
+now, written in bulk with the recipient's row (its render context). A segment is queued as soon as it
+is complete, so sending starts while a large audience is still being split. A launch that dies half-way
+is finished by launching again with the same ``--key``: rows already stored are skipped, and the
+ledger's unique keys make a repeated row harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .audience import Row
+from .ledger import NewMessage, NewRecipient, RunRecord, RunState, Status
+from .loading import PreparedCampaign
+from .recipients import Evaluator
+from .runtime import Runtime
+from .templating import PROVIDED_NAMES
+
+__all__ = ["Launch", "launch", "new_id"]
+
+logger = logging.getLogger("smartpush.launch")
+
+#: Recipients written per transaction: large enough to amortise round trips, small enough to resume.
+SPLIT_BATCH = 1_000
+
+_STATUS = {
+    "send": Status.CREATED,
+    "fallback": Status.WAITING,
+    "skipped": Status.SKIPPED,
+    "invalid": Status.INVALID,
+}
+
+Enqueue = Callable[[str, int], None]  # run id, segment
+
+
+def new_id() -> str:
+    """A sortable unique id: milliseconds since the epoch, then 64 random bits (hex)."""
+    return f"{int(time.time() * 1000):011x}{secrets.token_hex(8)}"
+
+
+@dataclass
+class Launch:
+    run: RunRecord
+    created: bool  # False: a run with this key already existed
+    resumed: bool = False  # True: this launch finished an interrupted split
+    recipients: int = 0
+    filtered: int = 0
+    duplicates: int = 0
+    invalid_rows: int = 0
+
+
+def launch(
+    rt: Runtime,
+    prepared: PreparedCampaign,
+    *,
+    enqueue: Enqueue,
+    key: str | None = None,
+    rows: Iterable[Row] | None = None,
+    parent_run_id: str | None = None,
+) -> Launch:
+    """Create (or find, by ``key``) the run of ``prepared`` and split its audience into the ledger.
+
+    ``rows`` replaces the audience file (``resend`` passes the recipients of an earlier run).
+    """
+    campaign = prepared.campaign
+    ledger = rt.ledger
+    not_after = campaign.schedule.not_after
+    run = RunRecord(
+        id=new_id(),
+        campaign=campaign.name,
+        campaign_file=str(Path(prepared.file).resolve()),
+        config_file=None
+        if prepared.config.source.startswith("(")
+        else str(Path(prepared.config.source).resolve()),
+        key=key,
+        category=str(campaign.category),
+        priority=str(campaign.priority),
+        strategy=campaign.strategy,
+        channels=[str(c.channel) for c in prepared.channels],
+        segment_size=campaign.segments.size,
+        parent_run_id=parent_run_id,
+        not_after=not_after if isinstance(not_after, datetime) else None,
+        created_at=datetime.now(UTC),
+    )
+    run, created = ledger.create_run(run)
+    result = Launch(run, created)
+    if run.split_complete:
+        return result
+    result.resumed = not created
+    _split(rt, prepared, run, result, enqueue, rows)
+    return result
+
+
+def _split(
+    rt: Runtime,
+    prepared: PreparedCampaign,
+    run: RunRecord,
+    result: Launch,
+    enqueue: Enqueue,
+    rows: Iterable[Row] | None,
+) -> None:
+    ledger = rt.ledger
+    size = run.segment_size
+    index = run.recipients
+    after = run.split_line
+    queued = index // size  # segments below this were complete, hence queued, before a restart
+    recipients: list[NewRecipient] = []
+    messages: list[NewMessage] = []
+    evaluator = Evaluator(prepared, render="none", keep_data=True)
+    # Data minimisation: a recipient's stored row keeps only what its messages are rendered from.
+    needed = {name for c in prepared.channels for t in c.templates.values() for name in t.variables}
+    needed -= PROVIDED_NAMES
+    source = rows if rows is not None else prepared.audience
+    last_line = after
+
+    def flush() -> None:
+        nonlocal queued
+        if recipients:
+            ledger.add_batch(run.id, recipients, messages)
+            recipients.clear()
+            messages.clear()
+        ledger.update_split(run.id, split_line=last_line, segments=-(-index // size), recipients=index)
+        while queued < index // size:
+            enqueue(run.id, queued)
+            queued += 1
+
+    for outcome in evaluator.over(row for row in source if row.line > after):
+        last_line = outcome.line
+        if outcome.kind == "filtered":
+            result.filtered += 1
+            continue
+        if outcome.kind == "duplicate":
+            result.duplicates += 1
+            continue
+        segment = index // size
+        index += 1
+        if outcome.kind == "invalid":
+            result.invalid_rows += 1
+            rid = f"#line:{outcome.line}"
+            recipients.append(NewRecipient(rid, segment, outcome.line, {}))
+            for i, channel in enumerate(prepared.channels):
+                messages.append(
+                    NewMessage(
+                        new_id(),
+                        rid,
+                        segment,
+                        str(channel.channel),
+                        i,
+                        channel.providers[0],
+                        Status.INVALID,
+                        error_code="bad-row",
+                        error_text=outcome.reason,
+                    )
+                )
+            continue
+        rid = outcome.recipient_id or ""
+        result.recipients += 1
+        data = outcome.data or {}
+        recipients.append(NewRecipient(rid, segment, outcome.line, {k: data[k] for k in needed if k in data}))
+        for i, ch in enumerate(outcome.channels):
+            status = _STATUS[ch.status]
+            messages.append(
+                NewMessage(
+                    new_id(),
+                    rid,
+                    segment,
+                    str(ch.channel.channel),
+                    i,
+                    ch.channel.providers[0],
+                    status,
+                    address=ch.address,
+                    error_code=ch.code,
+                    error_text=ch.reason,
+                )
+            )
+        if len(recipients) >= SPLIT_BATCH:
+            flush()
+    flush()
+    ledger.update_split(
+        run.id, split_line=last_line, segments=-(-index // size), recipients=index, complete=True
+    )
+    ledger.set_run_state(run.id, RunState.RUNNING, only_from=frozenset({RunState.SPLITTING}))
+    for segment in ledger.pending_segments(run.id):
+        if segment >= queued or result.resumed:
+            enqueue(run.id, segment)
+    fresh = ledger.get_run(run.id)
+    if fresh is not None:
+        result.run = fresh
+    ledger.finish_if_done(run.id, datetime.now(UTC))
+    logger.info("run %s split: %d recipients in %d segments", run.id, index, -(-index // size))

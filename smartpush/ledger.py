@@ -1,0 +1,879 @@
+"""The ledger: one row per run and per message, the source of truth of every send.
+
+SQLAlchemy Core over SQLite (embedded; WAL mode) or PostgreSQL (distributed), same code. The schema is
+versioned in a ``schema_version`` table and upgraded by :meth:`Ledger.migrate`.
+
+Message statuses (SPEC.md "Message lifecycle"), plus ``waiting``: a fallback channel's message of a
+``first-reachable`` campaign, which becomes ``created`` if the channels before it fail permanently and
+``skipped`` once one of them reached the recipient.
+
+The one rule that prevents double sends: a message is handed to a provider only after
+:meth:`Ledger.claim` moved it from ``created`` to ``sending`` in one conditional UPDATE; only the
+claimer may send it, and only :meth:`Ledger.record` moves it on from ``sending``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Connection,
+    Engine,
+    Insert,
+    Integer,
+    String,
+    Table,
+    and_,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Row, RowMapping, make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.pool import StaticPool
+
+from .errors import ConfigError, InfrastructureError, RunNotFound
+from .ledger_schema import UTCDateTime, upgrade
+from .ledger_schema import messages as messages_t
+from .ledger_schema import recipients as recipients_t
+from .ledger_schema import runs as runs_t
+
+__all__ = [
+    "FAILED",
+    "FINAL",
+    "Ledger",
+    "MessageRecord",
+    "NewMessage",
+    "NewRecipient",
+    "Result",
+    "RunRecord",
+    "RunState",
+    "Status",
+]
+
+
+class RunState(StrEnum):
+    SPLITTING = "splitting"  # the launch is creating message rows
+    RUNNING = "running"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    FINISHED = "finished"  # every message is in a final status
+
+
+class Status(StrEnum):
+    CREATED = "created"
+    WAITING = "waiting"
+    SENDING = "sending"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    TEMPORARY_FAILURE = "temporary-failure"
+    PERMANENT_FAILURE = "permanent-failure"
+    TECHNICAL_FAILURE = "technical-failure"
+    INVALID = "invalid"
+    SUPPRESSED = "suppressed"
+    SKIPPED = "skipped"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+#: Statuses a message never leaves (except sent → delivered/failed by a receipt).
+FINAL = frozenset(Status) - {Status.CREATED, Status.WAITING, Status.SENDING}
+#: Final statuses that make a run "partly failed" (exit code 3).
+FAILED = frozenset(
+    {Status.TEMPORARY_FAILURE, Status.PERMANENT_FAILURE, Status.TECHNICAL_FAILURE, Status.EXPIRED}
+)
+
+
+@dataclass
+class RunRecord:
+    """One launch of a campaign."""
+
+    id: str
+    campaign: str
+    campaign_file: str  # absolute path, so workers anywhere on the host find it
+    config_file: str | None  # absolute path of smartpush.yaml, None for embedded defaults
+    state: RunState = RunState.SPLITTING
+    key: str | None = None  # the idempotency key given to `send --key`
+    category: str = "information"
+    priority: str = "normal"
+    strategy: str = "first-reachable"
+    channels: list[str] = field(default_factory=list)  # channel names, in the campaign's order
+    segment_size: int = 500
+    segments: int = 0  # segments created so far (all of them once split_complete)
+    recipients: int = 0
+    split_line: int = 0  # last audience line whose rows are stored: a re-launch resumes after it
+    split_complete: bool = False
+    parent_run_id: str | None = None  # set for `resend`
+    test: bool = False  # launched with --test-to
+    not_after: datetime | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass
+class NewRecipient:
+    """One recipient of a run, with the row its messages are rendered from."""
+
+    recipient_id: str
+    segment: int
+    line: int
+    context: Mapping[str, Any]
+
+
+@dataclass
+class NewMessage:
+    """A message row made by the split: recipient × channel, with its id made now."""
+
+    id: str
+    recipient_id: str
+    segment: int
+    channel: str
+    channel_index: int
+    provider: str  # the account that will be tried first
+    status: Status
+    address: str | None = None
+    error_code: str | None = None
+    error_text: str | None = None
+
+
+@dataclass
+class MessageRecord:
+    """A message as stored, with its recipient's line and render context when asked for."""
+
+    id: str
+    run_id: str
+    recipient_id: str
+    segment: int
+    channel: str
+    channel_index: int
+    provider: str
+    status: Status
+    attempts: int
+    address: str | None
+    next_attempt_at: datetime | None
+    provider_reference: str | None
+    error_code: str | None
+    error_text: str | None
+    created_at: datetime
+    sending_at: datetime | None
+    sent_at: datetime | None
+    delivered_at: datetime | None
+    final_at: datetime | None
+    line: int | None = None
+    context: dict[str, Any] | None = None
+
+
+@dataclass
+class Result:
+    """What happened to one claimed (``sending``) message.
+
+    ``status`` ``created`` with ``next_attempt_at`` schedules a retry; ``attempted`` false means the
+    provider was not really tried (throttled, paused before sending) so ``attempts`` stays as it is.
+    """
+
+    message_id: str
+    status: Status
+    attempted: bool = True
+    provider: str | None = None
+    provider_reference: str | None = None
+    error_code: str | None = None
+    error_text: str | None = None
+    next_attempt_at: datetime | None = None
+
+
+T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
+
+_ACTIVE = (Status.CREATED.value, Status.WAITING.value, Status.SENDING.value)
+_UNSENT = (Status.CREATED.value, Status.WAITING.value)
+#: Ids per ``IN (...)`` list: SQLite builds before 3.32 allow only 999 bound variables a statement.
+_IN_CHUNK = 500
+#: Rows per page of :meth:`Ledger.messages`: a query's cost is amortised, memory stays small.
+_STREAM_BATCH = 5_000
+#: A shorter id prefix matches too many runs to be a safe way to name one.
+_MIN_PREFIX = 6
+#: How many of the runs an ambiguous prefix matches are named in the error.
+_AMBIGUOUS_SHOWN = 5
+#: Segments changed per transaction by expire/cancel, so that other SQLite writers never wait long.
+_SEGMENTS_PER_TX = 20
+#: How long an SQLite writer waits for another one before it gives up.
+_BUSY_TIMEOUT_S = 30
+#: The ``pg_advisory_xact_lock`` key that serialises :meth:`Ledger.migrate` ("smartpsh" in ASCII).
+_MIGRATE_LOCK = 0x736D_6172_7470_7368
+
+_RUN_FIELDS = tuple(f.name for f in fields(RunRecord))
+_MESSAGE_COLUMNS = tuple(
+    messages_t.c[f.name] for f in fields(MessageRecord) if f.name not in ("line", "context")
+)
+_JOIN = and_(
+    recipients_t.c.run_id == messages_t.c.run_id, recipients_t.c.recipient_id == messages_t.c.recipient_id
+)
+
+# record(): one UPDATE run with executemany; only a message still `sending` is moved on.
+_RECORD = (
+    update(messages_t)
+    .where(messages_t.c.id == bindparam("b_id", type_=String), messages_t.c.status == Status.SENDING.value)
+    .values(
+        status=bindparam("b_status", type_=String),
+        attempts=messages_t.c.attempts + bindparam("b_inc", type_=Integer),
+        provider=func.coalesce(bindparam("b_provider", type_=String), messages_t.c.provider),
+        provider_reference=bindparam("b_reference", type_=String),
+        error_code=bindparam("b_code", type_=String),
+        error_text=bindparam("b_text", type_=String),
+        next_attempt_at=bindparam("b_next", type_=UTCDateTime()),
+        sent_at=func.coalesce(bindparam("b_sent", type_=UTCDateTime()), messages_t.c.sent_at),
+        delivered_at=func.coalesce(bindparam("b_delivered", type_=UTCDateTime()), messages_t.c.delivered_at),
+        final_at=bindparam("b_final", type_=UTCDateTime()),
+        updated_at=bindparam("b_now", type_=UTCDateTime()),
+    )
+)
+
+
+class Ledger:
+    """Runs and messages in one SQL database. Thread-safe; one instance per process is enough.
+
+    ``url``: ``sqlite:///FILE.db`` (a relative path is taken from the current directory now),
+    ``sqlite://`` (in memory, for tests), or ``postgresql://``/``postgres://``/``postgresql+psycopg://``.
+    Datetimes given must be aware; datetimes returned are aware UTC.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._engine, memory = _engine_for(url)
+        self._postgresql = self._engine.dialect.name == "postgresql"
+        self._where = self._engine.url.render_as_string(hide_password=True)
+        # In memory every thread shares the one connection, so transactions must take turns.
+        self._lock: AbstractContextManager[object] = threading.RLock() if memory else nullcontext()
+
+    @contextmanager
+    def _tx(self, *, write: bool = True) -> Iterator[Connection]:
+        """One short transaction; ``write`` takes SQLite's write lock at BEGIN."""
+        with self._lock:
+            try:
+                with self._engine.connect() as conn:
+                    if write:
+                        conn.execution_options(smartpush_write=True)
+                    with conn.begin():
+                        yield conn
+            except (OperationalError, InterfaceError) as exc:
+                raise InfrastructureError(f"the ledger database {self._where} failed: {exc.orig}") from exc
+
+    def _insert_ignore(self, table: Table) -> Insert:
+        if self._postgresql:
+            return postgresql.insert(table).on_conflict_do_nothing()
+        return sqlite.insert(table).on_conflict_do_nothing()
+
+    # Schema ------------------------------------------------------------------------------------
+    def migrate(self) -> None:
+        """Create or upgrade the schema to the current version; safe to call from many processes.
+
+        A database written by a newer smartpush raises :class:`InfrastructureError` saying to upgrade.
+        """
+        with self._tx() as conn:
+            if self._postgresql:
+                conn.execute(select(func.pg_advisory_xact_lock(_MIGRATE_LOCK)))
+            found, now = upgrade(conn)
+        if found != now:
+            _log.info("ledger schema upgraded from version %d to %d", found, now)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # Runs --------------------------------------------------------------------------------------
+    def create_run(self, run: RunRecord) -> tuple[RunRecord, bool]:
+        """Insert ``run``; if a run with the same non-null ``key`` exists, return it and False.
+
+        ``created_at`` defaults to now. The run returned is the one stored.
+        """
+        values = {name: getattr(run, name) for name in _RUN_FIELDS}
+        values["state"] = RunState(run.state).value
+        values["channels"] = _json(list(run.channels))
+        values["created_at"] = run.created_at or datetime.now(UTC)
+        found = None
+        with self._tx() as conn:
+            insert = self._insert_ignore(runs_t).values(values).returning(runs_t.c.id)
+            created = conn.execute(insert).scalar() is not None
+            if created:
+                found = self._get_run(conn, runs_t.c.id, run.id)
+            elif run.key is not None:
+                found = self._get_run(conn, runs_t.c.key, run.key)
+        if found is None:  # the id is taken by a run with another key
+            raise ValueError(f"a run with the id {run.id} already exists")
+        return found, created
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        with self._tx(write=False) as conn:
+            return self._get_run(conn, runs_t.c.id, run_id)
+
+    @staticmethod
+    def _get_run(conn: Connection, column: Column[str], value: str) -> RunRecord | None:
+        row = conn.execute(select(runs_t).where(column == value)).mappings().first()
+        return None if row is None else _run_from(row)
+
+    def find_run(self, ref: str) -> RunRecord:
+        """A run by id, key or unique id prefix (at least 6 characters); :class:`RunNotFound` if none."""
+        ref = ref.strip()
+        with self._tx(write=False) as conn:
+            found: RunRecord | None = self._get_run(conn, runs_t.c.id, ref) or self._get_run(
+                conn, runs_t.c.key, ref
+            )
+            if found is not None:
+                return found
+            if len(ref) < _MIN_PREFIX:
+                raise RunNotFound(
+                    f"no run has the id or key '{ref}' (a shortened id needs at least {_MIN_PREFIX} "
+                    "characters): `smartpush runs` lists runs"
+                )
+            prefix = func.substr(runs_t.c.id, 1, len(ref)) == ref  # LIKE is case-blind on SQLite
+            rows = conn.execute(
+                select(runs_t).where(prefix).order_by(runs_t.c.created_at.desc()).limit(_AMBIGUOUS_SHOWN + 1)
+            ).mappings()
+            matches = [_run_from(row) for row in rows]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise RunNotFound(f"no run has the id or key '{ref}': `smartpush runs` lists runs")
+        shown = ", ".join(m.id for m in matches[:_AMBIGUOUS_SHOWN])
+        more = " and more" if len(matches) > _AMBIGUOUS_SHOWN else ""
+        raise RunNotFound(
+            f"'{ref}' is ambiguous: it starts the ids of several runs ({shown}{more}); type more of the "
+            "id (`smartpush runs` lists runs)"
+        )
+
+    def list_runs(self, *, campaign: str | None = None, limit: int = 50) -> list[RunRecord]:
+        """Newest first."""
+        stmt = select(runs_t).order_by(runs_t.c.created_at.desc(), runs_t.c.id.desc()).limit(limit)
+        if campaign is not None:
+            stmt = stmt.where(runs_t.c.campaign == campaign)
+        with self._tx(write=False) as conn:
+            return [_run_from(row) for row in conn.execute(stmt).mappings()]
+
+    def set_run_state(
+        self, run_id: str, state: RunState, *, only_from: frozenset[RunState] | None = None
+    ) -> bool:
+        """Move the run to ``state`` (from one of ``only_from`` if given); True if it changed.
+
+        Entering ``running`` sets ``started_at`` and entering ``finished``/``cancelled`` sets
+        ``finished_at``, each only the first time.
+        """
+        now = literal(datetime.now(UTC), UTCDateTime())
+        values: dict[str, Any] = {"state": RunState(state).value}
+        if state == RunState.RUNNING:
+            values["started_at"] = func.coalesce(runs_t.c.started_at, now)
+        elif state in (RunState.FINISHED, RunState.CANCELLED):
+            values["finished_at"] = func.coalesce(runs_t.c.finished_at, now)
+        stmt = update(runs_t).where(runs_t.c.id == run_id, runs_t.c.state != values["state"]).values(values)
+        if only_from is not None:
+            stmt = stmt.where(runs_t.c.state.in_([RunState(s).value for s in only_from]))
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def update_split(
+        self, run_id: str, *, split_line: int, segments: int, recipients: int, complete: bool = False
+    ) -> None:
+        stmt = (
+            update(runs_t)
+            .where(runs_t.c.id == run_id)
+            .values(split_line=split_line, segments=segments, recipients=recipients, split_complete=complete)
+        )
+        with self._tx() as conn:
+            conn.execute(stmt)
+
+    # Split ---------------------------------------------------------------------------------------
+    def add_batch(
+        self, run_id: str, recipients: Sequence[NewRecipient], messages: Sequence[NewMessage]
+    ) -> None:
+        """Insert recipients and their messages in one transaction; rows already there are left alone.
+
+        A message is new unless its id or its (recipient, channel) is already stored, so re-running an
+        interrupted split with fresh message ids keeps the first ones. A message created in a final
+        status (``invalid``, ``skipped``, ``suppressed``) gets ``final_at`` now.
+        """
+        now = datetime.now(UTC)
+        recipient_rows = [
+            {
+                "run_id": run_id,
+                "recipient_id": r.recipient_id,
+                "segment": r.segment,
+                "line": r.line,
+                "context": _json(dict(r.context)),
+            }
+            for r in recipients
+        ]
+        message_rows = [
+            {
+                "id": m.id,
+                "run_id": run_id,
+                "recipient_id": m.recipient_id,
+                "segment": m.segment,
+                "channel": m.channel,
+                "channel_index": m.channel_index,
+                "provider": m.provider,
+                "status": Status(m.status).value,
+                "attempts": 0,
+                "address": m.address,
+                "error_code": m.error_code,
+                "error_text": m.error_text,
+                "created_at": now,
+                "final_at": now if m.status in FINAL else None,
+                "updated_at": now,
+            }
+            for m in messages
+        ]
+        with self._tx() as conn:
+            if recipient_rows:
+                conn.execute(self._insert_ignore(recipients_t), recipient_rows)
+            if message_rows:
+                conn.execute(self._insert_ignore(messages_t), message_rows)
+
+    # Sending -------------------------------------------------------------------------------------
+    def due(self, run_id: str, segment: int, now: datetime, *, limit: int = 10_000) -> list[MessageRecord]:
+        """``created`` messages of a segment whose ``next_attempt_at`` is null or past, with context.
+
+        In audience order (line, then channel). Every record carries ``line`` and ``context`` (None
+        once purged); the records of one recipient share one ``context`` dict: do not change it.
+        """
+        stmt = (
+            select(*_MESSAGE_COLUMNS, recipients_t.c.line, recipients_t.c.context)
+            .join_from(messages_t, recipients_t, _JOIN)
+            .where(
+                messages_t.c.run_id == run_id,
+                recipients_t.c.run_id == run_id,
+                messages_t.c.status == Status.CREATED.value,
+                messages_t.c.segment == segment,
+                _is_due(now),
+            )
+            .order_by(recipients_t.c.line, messages_t.c.channel_index)
+            .limit(limit)
+        )
+        with self._tx(write=False) as conn:
+            rows = conn.execute(stmt).all()
+        contexts: dict[str | None, dict[str, Any] | None] = {}
+        return [_message_from(row, contexts) for row in rows]
+
+    def claim(self, message_ids: Sequence[str], now: datetime) -> set[str]:
+        """Move ``created`` → ``sending``; returns the ids this caller won (others were taken).
+
+        A message whose ``next_attempt_at`` is still after ``now`` (a retry scheduled meanwhile by
+        another worker) is not claimed either.
+        """
+        won: set[str] = set()
+        for chunk in _chunks(sorted(set(message_ids))):  # one lock order for every claimer
+            stmt = (
+                update(messages_t)
+                .where(messages_t.c.id.in_(chunk), messages_t.c.status == Status.CREATED.value, _is_due(now))
+                .values(status=Status.SENDING.value, sending_at=now, updated_at=now)
+                .returning(messages_t.c.id)
+            )
+            with self._tx() as conn:
+                won.update(conn.execute(stmt).scalars())
+        return won
+
+    def record(self, results: Sequence[Result], now: datetime) -> None:
+        """Apply results to ``sending`` messages in bulk (attempts +1 when ``attempted``).
+
+        A result in status ``created`` is a retry at ``next_attempt_at`` (None: as soon as possible).
+        ``provider`` None keeps the stored one. ``sent``/``delivered`` set ``sent_at``, ``delivered``
+        sets ``delivered_at`` and every final status sets ``final_at``. Results for messages that are
+        no longer ``sending`` are ignored (and logged).
+        """
+        params = []
+        for result in results:
+            status = Status(result.status)
+            if status in (Status.WAITING, Status.SENDING):
+                raise ValueError(f"a result cannot put message {result.message_id} back in {status}")
+            params.append(
+                {
+                    "b_id": result.message_id,
+                    "b_status": status.value,
+                    "b_inc": 1 if result.attempted else 0,
+                    "b_provider": result.provider,
+                    "b_reference": result.provider_reference,
+                    "b_code": result.error_code,
+                    "b_text": result.error_text,
+                    "b_next": result.next_attempt_at,
+                    "b_sent": now if status in (Status.SENT, Status.DELIVERED) else None,
+                    "b_delivered": now if status == Status.DELIVERED else None,
+                    "b_final": now if status in FINAL else None,
+                    "b_now": now,
+                }
+            )
+        if not params:
+            return
+        with self._tx() as conn:
+            updated = conn.execute(_RECORD, params).rowcount
+        if 0 <= updated < len(params):
+            _log.warning(
+                "%d of %d results were for messages no longer sending: ignored",
+                len(params) - updated,
+                len(params),
+            )
+
+    def activate_fallbacks(self, run_id: str, recipient_ids: Sequence[str], after_index: int) -> int:
+        """For each recipient, its first ``waiting`` message after channel ``after_index`` → ``created``."""
+        later = messages_t.alias("later")
+        first_waiting = (
+            select(func.min(later.c.channel_index))
+            .where(
+                later.c.run_id == messages_t.c.run_id,
+                later.c.recipient_id == messages_t.c.recipient_id,
+                later.c.status == Status.WAITING.value,
+                later.c.channel_index > after_index,
+            )
+            .scalar_subquery()
+        )
+        now = datetime.now(UTC)
+        changed = 0
+        with self._tx() as conn:
+            for chunk in _chunks(sorted(set(recipient_ids))):
+                stmt = (
+                    update(messages_t)
+                    .where(
+                        messages_t.c.run_id == run_id,
+                        messages_t.c.recipient_id.in_(chunk),
+                        messages_t.c.status == Status.WAITING.value,
+                        messages_t.c.channel_index == first_waiting,
+                    )
+                    .values(status=Status.CREATED.value, updated_at=now)
+                )
+                changed += conn.execute(stmt).rowcount
+        return changed
+
+    def skip_fallbacks(self, run_id: str, recipient_ids: Sequence[str], reason: str, now: datetime) -> int:
+        """Every ``waiting`` message of these recipients → ``skipped`` with ``reason`` (in ``error_text``)."""
+        changed = 0
+        with self._tx() as conn:
+            for chunk in _chunks(sorted(set(recipient_ids))):
+                stmt = (
+                    update(messages_t)
+                    .where(
+                        messages_t.c.run_id == run_id,
+                        messages_t.c.recipient_id.in_(chunk),
+                        messages_t.c.status == Status.WAITING.value,
+                    )
+                    .values(status=Status.SKIPPED.value, error_text=reason, final_at=now, updated_at=now)
+                )
+                changed += conn.execute(stmt).rowcount
+        return changed
+
+    def expire(self, run_id: str, *, created_before: datetime | None, now: datetime, reason: str) -> int:
+        """``created``/``waiting`` messages (all of them, or those created before a time) → ``expired``.
+
+        ``reason`` goes to ``error_text``. Done a few segments per transaction; messages still
+        ``sending`` are left to their worker.
+        """
+        return self._close_unsent(run_id, Status.EXPIRED, now, {"error_text": reason}, created_before)
+
+    def cancel_unsent(self, run_id: str, now: datetime) -> int:
+        """``created``/``waiting`` messages → ``cancelled``; the run's state is the caller's to change.
+
+        Done a few segments per transaction. Messages still ``sending`` are left to their worker: a
+        retry it records later comes back as ``created``, so call this again once it is recorded.
+        """
+        return self._close_unsent(run_id, Status.CANCELLED, now, {}, None)
+
+    def _close_unsent(
+        self,
+        run_id: str,
+        status: Status,
+        now: datetime,
+        extra: dict[str, Any],
+        created_before: datetime | None,
+    ) -> int:
+        with self._tx(write=False) as conn:
+            segments = sorted(
+                {*self._segments(conn, run_id, Status.CREATED), *self._segments(conn, run_id, Status.WAITING)}
+            )
+        changed = 0
+        for chunk in _chunks(segments, _SEGMENTS_PER_TX):
+            stmt = (
+                update(messages_t)
+                .where(
+                    messages_t.c.run_id == run_id,
+                    messages_t.c.status.in_(_UNSENT),
+                    messages_t.c.segment.in_(chunk),
+                )
+                .values(status=status.value, final_at=now, updated_at=now, **extra)
+            )
+            if created_before is not None:
+                stmt = stmt.where(messages_t.c.created_at < created_before)
+            with self._tx() as conn:
+                changed += conn.execute(stmt).rowcount
+        return changed
+
+    def next_due(self, run_id: str, segment: int) -> datetime | None:
+        """When the segment's next ``created`` message is due; None when it has none.
+
+        A message without ``next_attempt_at`` counts as due since it last changed: the time returned
+        is then in the past, meaning "now".
+        """
+        stmt = select(func.min(func.coalesce(messages_t.c.next_attempt_at, messages_t.c.updated_at))).where(
+            messages_t.c.run_id == run_id,
+            messages_t.c.status == Status.CREATED.value,
+            messages_t.c.segment == segment,
+        )
+        with self._tx(write=False) as conn:
+            found: datetime | None = conn.execute(stmt).scalar()
+        return found
+
+    def pending_segments(self, run_id: str) -> list[int]:
+        """Segments that still hold ``created`` or ``sending`` messages, in order."""
+        with self._tx(write=False) as conn:
+            return sorted(
+                {*self._segments(conn, run_id, Status.CREATED), *self._segments(conn, run_id, Status.SENDING)}
+            )
+
+    def finish_if_done(self, run_id: str, now: datetime) -> bool:
+        """Mark the run finished when no message is ``created``/``waiting``/``sending``.
+
+        Only a ``running`` run whose split is complete (:meth:`update_split` ``complete=True``) is
+        finished; ``finished_at`` is set to ``now``. True if this call finished it.
+        """
+        pending = (
+            select(messages_t.c.id)
+            .where(messages_t.c.run_id == run_id, messages_t.c.status.in_(_ACTIVE))
+            .exists()
+        )
+        stmt = (
+            update(runs_t)
+            .where(
+                runs_t.c.id == run_id,
+                runs_t.c.state == RunState.RUNNING.value,
+                runs_t.c.split_complete.is_(True),
+                ~pending,
+            )
+            .values(state=RunState.FINISHED.value, finished_at=now)
+        )
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    # Sweeper -------------------------------------------------------------------------------------
+    def stuck(self, *, sending_before: datetime, due_before: datetime) -> list[tuple[str, int]]:
+        """(run, segment) pairs of running runs with messages ``sending`` since before ``sending_before``
+        or ``created`` and due since before ``due_before``.
+
+        "Due since" is the later of ``next_attempt_at`` and the message's last change.
+        """
+        overdue = and_(
+            messages_t.c.updated_at < due_before,
+            or_(messages_t.c.next_attempt_at.is_(None), messages_t.c.next_attempt_at < due_before),
+        )
+        found: set[tuple[str, int]] = set()
+        with self._tx(write=False) as conn:
+            running = conn.execute(select(runs_t.c.id).where(runs_t.c.state == RunState.RUNNING.value))
+            for run_id in running.scalars().all():
+                late = (
+                    select(messages_t.c.segment)
+                    .distinct()
+                    .where(
+                        messages_t.c.run_id == run_id,
+                        messages_t.c.status == Status.SENDING.value,
+                        messages_t.c.sending_at < sending_before,
+                    )
+                )
+                found.update((run_id, segment) for segment in conn.execute(late).scalars())
+                found.update(
+                    (run_id, segment) for segment in self._segments(conn, run_id, Status.CREATED, overdue)
+                )
+        return sorted(found)
+
+    def unstick(self, run_id: str, segment: int, *, sending_before: datetime, now: datetime) -> int:
+        """``sending`` since before ``sending_before`` → ``created`` (their worker died)."""
+        stmt = (
+            update(messages_t)
+            .where(
+                messages_t.c.run_id == run_id,
+                messages_t.c.status == Status.SENDING.value,
+                messages_t.c.segment == segment,
+                messages_t.c.sending_at < sending_before,
+            )
+            .values(status=Status.CREATED.value, updated_at=now)
+        )
+        with self._tx() as conn:
+            return int(conn.execute(stmt).rowcount)
+
+    # Reading -------------------------------------------------------------------------------------
+    def counts(self, run_id: str) -> dict[tuple[str, Status], int]:
+        """(channel, status) → number of messages."""
+        stmt = (
+            select(messages_t.c.channel, messages_t.c.status, func.count())
+            .where(messages_t.c.run_id == run_id)
+            .group_by(messages_t.c.channel, messages_t.c.status)
+        )
+        with self._tx(write=False) as conn:
+            return {(channel, Status(status)): n for channel, status, n in conn.execute(stmt)}
+
+    def messages(
+        self, run_id: str, *, statuses: Sequence[Status] | None = None, with_context: bool = False
+    ) -> Iterator[MessageRecord]:
+        """Stream messages in audience order (line, then channel), in batches.
+
+        Each batch is its own short read (keyset pagination), so a long report never holds the
+        database. Records carry ``line``; ``context`` only ``with_context`` (shared per recipient).
+        """
+        columns = [*_MESSAGE_COLUMNS, recipients_t.c.line]
+        if with_context:
+            columns.append(recipients_t.c.context)
+        line, index, ident = recipients_t.c.line, messages_t.c.channel_index, messages_t.c.id
+        base = (
+            select(*columns)
+            .join_from(messages_t, recipients_t, _JOIN)
+            .where(messages_t.c.run_id == run_id, recipients_t.c.run_id == run_id)
+            .order_by(line, index, ident)
+            .limit(_STREAM_BATCH)
+        )
+        if statuses is not None:
+            base = base.where(messages_t.c.status.in_([Status(s).value for s in statuses]))
+        stmt = base
+        while True:
+            with self._tx(write=False) as conn:
+                rows = conn.execute(stmt).all()
+            contexts: dict[str | None, dict[str, Any] | None] | None = {} if with_context else None
+            batch = [_message_from(row, contexts) for row in rows]
+            yield from batch
+            if len(rows) < _STREAM_BATCH:
+                return
+            last = batch[-1]
+            stmt = base.where(
+                line >= last.line,
+                or_(
+                    line > last.line,
+                    index > last.channel_index,
+                    and_(index == last.channel_index, ident > last.id),
+                ),
+            )
+
+    # Helpers -------------------------------------------------------------------------------------
+    @staticmethod
+    def _segments(
+        conn: Connection, run_id: str, status: Status, having: ColumnElement[bool] | None = None
+    ) -> list[int]:
+        """The segments of a run holding a message in ``status`` (and matching ``having``).
+
+        A loose index scan: one probe of (run_id, status, segment) per segment, instead of reading
+        every message of a run that may hold millions.
+        """
+        step = messages_t.alias("step")
+        seed = select(func.min(messages_t.c.segment).label("segment")).where(
+            messages_t.c.run_id == run_id, messages_t.c.status == status.value
+        )
+        segs = seed.cte("segs", recursive=True)
+        following = (
+            select(func.min(step.c.segment))
+            .where(step.c.run_id == run_id, step.c.status == status.value, step.c.segment > segs.c.segment)
+            .scalar_subquery()
+        )
+        segs = segs.union_all(select(following).where(segs.c.segment.is_not(None)))
+        stmt = select(segs.c.segment).where(segs.c.segment.is_not(None))
+        if having is not None:
+            match = (
+                select(messages_t.c.id)
+                .where(
+                    messages_t.c.run_id == run_id,
+                    messages_t.c.status == status.value,
+                    messages_t.c.segment == segs.c.segment,
+                    having,
+                )
+                .exists()
+            )
+            stmt = stmt.where(match)
+        return list(conn.execute(stmt).scalars())
+
+
+def _engine_for(url: str) -> tuple[Engine, bool]:
+    """An engine for ``url``, and whether it is an in-memory SQLite database (one shared connection)."""
+    parsed = make_url(url)
+    backend = parsed.drivername.partition("+")[0]
+    if backend in ("postgres", "postgresql"):
+        return create_engine(parsed.set(drivername="postgresql+psycopg"), pool_pre_ping=True), False
+    if backend != "sqlite":
+        raise ConfigError(
+            f"the database URL scheme '{parsed.drivername}' is not supported: use sqlite:///FILE.db "
+            "(embedded) or postgresql://USER@HOST/DB (distributed)"
+        )
+    parsed = parsed.set(drivername="sqlite+pysqlite")
+    memory = parsed.database in (None, "", ":memory:")
+    if memory:
+        engine = create_engine(parsed, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    else:
+        path = Path(parsed.database or "").expanduser().resolve()  # relative to the cwd of now, not later
+        engine = create_engine(
+            parsed.set(database=str(path)),
+            connect_args={"timeout": _BUSY_TIMEOUT_S, "check_same_thread": False},
+        )
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine, memory
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # The driver must not begin transactions itself: _sqlite_begin does, so writers can take the lock.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    for pragma in (
+        "journal_mode=WAL",
+        "synchronous=NORMAL",
+        f"busy_timeout={_BUSY_TIMEOUT_S * 1000}",
+        "foreign_keys=ON",
+    ):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # A deferred transaction that reads, then writes, fails at once with "database is locked" when
+    # another writer got in between; BEGIN IMMEDIATE waits for the lock (busy_timeout) instead.
+    write = conn.get_execution_options().get("smartpush_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _chunks(items: Sequence[T], size: int = _IN_CHUNK) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _is_due(now: datetime) -> ColumnElement[bool]:
+    return or_(messages_t.c.next_attempt_at.is_(None), messages_t.c.next_attempt_at <= now)
+
+
+def _run_from(row: RowMapping) -> RunRecord:
+    values = {name: row[name] for name in _RUN_FIELDS}
+    values["state"] = RunState(values["state"])
+    values["channels"] = json.loads(values["channels"])
+    return RunRecord(**values)
+
+
+def _message_from(
+    row: Row[*tuple[Any, ...]], contexts: dict[str | None, dict[str, Any] | None] | None
+) -> MessageRecord:
+    """A record from a row of ``_MESSAGE_COLUMNS`` + line (+ context when ``contexts`` is a cache)."""
+    values = row._asdict()
+    values["status"] = Status(values["status"])
+    if contexts is not None:
+        text = values.pop("context")
+        if text not in contexts:
+            contexts[text] = None if text is None else json.loads(text)
+        values["context"] = contexts[text]
+    return MessageRecord(**values)

@@ -1,0 +1,126 @@
+"""What one smartpush process holds while it sends: config, ledger, drivers, loop, rate limiters.
+
+A worker process builds one :class:`Runtime` and keeps it: provider drivers (and their HTTP connection
+pools) live as long as the process, on one asyncio event loop running in a thread of its own. Dramatiq
+worker threads do the database work and hand each batch of sends to that loop (:meth:`Runtime.run`),
+the one place where synchronous code meets asynchronous code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import registry
+from .config import Config, load_config
+from .ledger import Ledger, RunRecord
+from .loading import PreparedCampaign, load_campaign
+from .provider import Provider
+from .ratelimit import RateLimiter
+from .recipients import Evaluator
+
+__all__ = ["Runtime", "database_url"]
+
+T = TypeVar("T")
+
+
+def database_url(config: Config) -> str:
+    """The configured ledger, or ``smartpush.db`` (SQLite) in the project folder."""
+    return config.settings.database or f"sqlite:///{config.project_dir / 'smartpush.db'}"
+
+
+class _LoopThread:
+    """An asyncio event loop running forever in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="smartpush-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+class Runtime:
+    """Per-process state for sending. Thread-safe; build one per process."""
+
+    def __init__(self, config: Config, *, ledger: Ledger | None = None) -> None:
+        self.config = config
+        self.ledger = ledger or Ledger(database_url(config))
+        self._lock = threading.Lock()
+        self._providers: dict[str, Provider] = {}
+        self._limiters: dict[str, RateLimiter] = {}
+        self._campaigns: dict[str, PreparedCampaign] = {}
+        self._evaluators: dict[str, Evaluator] = {}
+        self._loop: _LoopThread | None = None
+        self._key = config.secret_key()
+
+    @classmethod
+    def from_config_file(cls, path: str | None) -> Runtime:
+        return cls(load_config(Path(path) if path else None))
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the process's event loop and wait for it (called from worker threads)."""
+        with self._lock:
+            if self._loop is None:
+                self._loop = _LoopThread()
+            loop = self._loop
+        return loop.run(coro)
+
+    def provider(self, account: str) -> Provider:
+        with self._lock:
+            if account not in self._providers:
+                options = self.config.account(account)
+                cls = registry.driver(options.type)
+                self._providers[account] = cls(account, options, project_dir=self.config.project_dir)
+            return self._providers[account]
+
+    def limiter(self, account: str) -> RateLimiter:
+        with self._lock:
+            if account not in self._limiters:
+                self._limiters[account] = RateLimiter.for_account(self.config.account(account))
+            return self._limiters[account]
+
+    def campaign(self, run: RunRecord) -> PreparedCampaign:
+        """The run's campaign, loaded once per process from the file it was launched from."""
+        with self._lock:
+            prepared = self._campaigns.get(run.id)
+        if prepared is None:
+            prepared = load_campaign(Path(run.campaign_file), self.config)
+            with self._lock:
+                self._campaigns[run.id] = prepared
+        return prepared
+
+    def evaluator(self, run: RunRecord, prepared: PreparedCampaign) -> Evaluator:
+        """One evaluator per run and process (it holds the compiled templates' render state)."""
+        with self._lock:
+            found = self._evaluators.get(run.id)
+            if found is None:
+                found = self._evaluators[run.id] = Evaluator(prepared, dedup=False)
+            return found
+
+    def pseudonym(self, recipient_id: str) -> str:
+        """A keyed hash of a recipient id, for logs: stable, not reversible without the secret key."""
+        return hmac.new(self._key, recipient_id.encode(), hashlib.sha256).hexdigest()[:16]
+
+    def close(self) -> None:
+        with self._lock:
+            providers = list(self._providers.values())
+            loop = self._loop
+            self._providers.clear()
+        if loop is not None:
+            for p in providers:
+                with contextlib.suppress(Exception):  # closing must not hide the run's real outcome
+                    loop.run(p.close())
+            loop.stop()
+        self.ledger.close()

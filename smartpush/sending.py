@@ -1,0 +1,331 @@
+"""The segment actor's work: send what is due in one segment, record it, schedule what is left.
+
+Idempotent by construction: only messages that :meth:`Ledger.claim` moved from ``created`` to
+``sending`` are handed to a provider, so a redelivered segment, a second worker or a resumed run never
+sends a message twice. Retries are decided here, by the class of the provider's error alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from .campaign import Category, Retry
+from .errors import (
+    PermanentError,
+    ProviderError,
+    RecipientError,
+    TechnicalError,
+    ThrottledError,
+    TransientError,
+)
+from .ledger import MessageRecord, Result, RunRecord, RunState, Status
+from .loading import PreparedCampaign, PreparedChannel
+from .provider import Channel, OutboundMessage
+from .recipients import Evaluator
+from .runtime import Runtime
+from .unsubscribe import make_token, recipient_hash
+from .windows import effective_window, next_opening
+
+__all__ = ["SegmentOutcome", "backoff", "process_segment"]
+
+logger = logging.getLogger("smartpush.sending")
+
+#: Messages claimed and sent together; small enough that pause and cancel take effect within seconds.
+BATCH_SIZE = 200
+#: A segment yields its worker thread after this long and re-enqueues itself for the rest.
+SEGMENT_SLICE_S = 30.0
+#: How long a throttled message waits when the provider gives no Retry-After.
+DEFAULT_THROTTLE_WAIT_S = 1.0
+
+Enqueue = Callable[[str, int, int | None], None]  # run id, segment, delay in ms
+
+
+@dataclass
+class SegmentOutcome:
+    sent: int = 0
+    failed: int = 0
+    retrying: int = 0
+    again_in_ms: int | None = None
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def backoff(retry: Retry, attempt: int, retry_after_s: float | None = None) -> timedelta:
+    """Wait before attempt ``attempt + 1``: exponential from ``min`` to ``max``, with jitter."""
+    low = retry.backoff.min.total_seconds()
+    high = retry.backoff.max.total_seconds()
+    delay = min(high, low * 2 ** max(0, attempt - 1)) * random.uniform(1.0, 1.25)
+    return timedelta(seconds=max(min(delay, high), retry_after_s or 0.0))
+
+
+def process_segment(rt: Runtime, enqueue: Enqueue, run_id: str, segment: int) -> SegmentOutcome:
+    """Send the due messages of one segment (at most :data:`SEGMENT_SLICE_S` of work)."""
+    ledger = rt.ledger
+    outcome = SegmentOutcome()
+    run = ledger.get_run(run_id)
+    if run is None or run.state not in (RunState.RUNNING, RunState.SPLITTING):
+        return outcome  # paused: `resume` enqueues again; cancelled or finished: nothing to do
+    prepared = rt.campaign(run)
+    evaluator = rt.evaluator(run, prepared)
+    campaign = prepared.campaign
+    started = time.monotonic()
+    now = now_utc()
+    if _past_not_after(prepared, now):
+        ledger.expire(run_id, created_before=None, now=now, reason="the campaign's not_after has passed")
+        _finish(rt, run, now)
+        return outcome
+    ledger.expire(
+        run_id,
+        created_before=now - campaign.retry.expire_after,
+        now=now,
+        reason=f"not sent within expire_after ({campaign.retry.expire_after})",
+    )
+    window = effective_window(campaign)
+    if window is not None:
+        opens = next_opening(window, now)
+        if opens is None or opens > now:
+            delay = int(((opens or now + timedelta(days=1)) - now).total_seconds() * 1000)
+            logger.info("run %s segment %d waits %d s for its send window", run_id, segment, delay // 1000)
+            enqueue(run_id, segment, delay)
+            outcome.again_in_ms = delay
+            return outcome
+    while time.monotonic() - started < SEGMENT_SLICE_S:
+        now = now_utc()
+        due = ledger.due(run_id, segment, now, limit=BATCH_SIZE)
+        if not due:
+            break
+        won = ledger.claim([m.id for m in due], now)
+        batch = [m for m in due if m.id in won]
+        if not batch:
+            continue
+        results = rt.run(_send_all(rt, prepared, evaluator, batch))
+        ledger.record(results, now_utc())
+        _follow_up(rt, run, batch, results, outcome)
+        current = ledger.get_run(run_id)
+        if current is None or current.state not in (RunState.RUNNING, RunState.SPLITTING):
+            logger.info("run %s is %s: segment %d stops", run_id, current and current.state, segment)
+            return outcome
+    else:
+        enqueue(run_id, segment, None)  # time slice used up: let other segments have the thread
+        outcome.again_in_ms = 0
+        return outcome
+    nxt = ledger.next_due(run_id, segment)
+    if nxt is not None:
+        delay = max(1, int((nxt - now_utc()).total_seconds() * 1000))
+        enqueue(run_id, segment, delay)
+        outcome.again_in_ms = delay
+    _finish(rt, run, now_utc())
+    return outcome
+
+
+def _past_not_after(prepared: PreparedCampaign, now: datetime) -> bool:
+    limit = prepared.campaign.schedule.not_after
+    if limit is None:
+        return False
+    if isinstance(limit, datetime):
+        return now > limit
+    window = prepared.campaign.schedule.window
+    from zoneinfo import ZoneInfo
+
+    tz = ZoneInfo(window.timezone if window else prepared.config.settings.timezone)
+    return now.astimezone(tz).date() > limit
+
+
+def _finish(rt: Runtime, run: RunRecord, now: datetime) -> None:
+    fresh = rt.ledger.get_run(run.id)
+    if fresh is not None and fresh.split_complete and rt.ledger.finish_if_done(run.id, now):
+        logger.info("run %s finished", run.id)
+
+
+def _follow_up(
+    rt: Runtime, run: RunRecord, batch: list[MessageRecord], results: list[Result], outcome: SegmentOutcome
+) -> None:
+    """Fallback channels of first-reachable campaigns; counters for the log."""
+    reached: dict[str, str] = {}
+    dead_end: dict[int, list[str]] = {}
+    for message, result in zip(batch, results, strict=True):
+        if result.status is Status.SENT:
+            outcome.sent += 1
+            reached[message.recipient_id] = message.channel
+        elif result.status is Status.CREATED:
+            outcome.retrying += 1
+        else:
+            outcome.failed += 1
+            if result.status in (
+                Status.PERMANENT_FAILURE,
+                Status.INVALID,
+                Status.TECHNICAL_FAILURE,
+                Status.TEMPORARY_FAILURE,
+                Status.SUPPRESSED,
+            ):
+                dead_end.setdefault(message.channel_index, []).append(message.recipient_id)
+    if run.strategy != "first-reachable":
+        return
+    now = now_utc()
+    by_channel: dict[str, list[str]] = {}
+    for rid, channel in reached.items():
+        by_channel.setdefault(channel, []).append(rid)
+    for channel, rids in by_channel.items():
+        rt.ledger.skip_fallbacks(run.id, rids, f"reached on {channel}", now)
+    for index, rids in dead_end.items():
+        rt.ledger.activate_fallbacks(run.id, rids, index)
+
+
+async def _send_all(
+    rt: Runtime, prepared: PreparedCampaign, evaluator: Evaluator, batch: list[MessageRecord]
+) -> list[Result]:
+    return list(await asyncio.gather(*(_send_one(rt, prepared, evaluator, m) for m in batch)))
+
+
+def _unsubscribe_url(rt: Runtime, prepared: PreparedCampaign, message: MessageRecord) -> str | None:
+    base = rt.config.settings.public_url
+    if base is None or prepared.campaign.category is Category.SERVICE or message.address is None:
+        return None
+    key = rt.config.secret_key()
+    token = make_token(
+        key,
+        campaign=prepared.name,
+        channel=message.channel,
+        address_hash=recipient_hash(key, message.channel, message.address),
+    )
+    return f"{base}/unsubscribe/{token}"
+
+
+def _outbound(
+    prepared: PreparedCampaign,
+    channel: PreparedChannel,
+    message: MessageRecord,
+    fields: dict[str, str],
+    unsubscribe: str | None,
+) -> OutboundMessage:
+    spec = channel.spec
+    kind = channel.channel
+    if kind is Channel.EMAIL:
+        headers: dict[str, str] = {}
+        if unsubscribe is not None:
+            headers["List-Unsubscribe"] = f"<{unsubscribe}>"
+            mailto = prepared.config.settings.unsubscribe_mailto
+            if mailto:
+                headers["List-Unsubscribe"] += f", <mailto:{mailto}?subject=unsubscribe>"
+            headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        reply_to = getattr(spec, "reply_to", None)
+        if reply_to:
+            headers["Reply-To"] = reply_to
+        return OutboundMessage(
+            message_id=message.id,
+            run_id=message.run_id,
+            channel=kind,
+            to=message.address or "",
+            subject=fields.get("subject"),
+            body=fields.get("text", ""),
+            html=fields.get("html"),
+            sender=getattr(spec, "from_", None),
+            headers=headers,
+        )
+    if kind is Channel.PUSH:
+        data = {k.removeprefix("data."): v for k, v in fields.items() if k.startswith("data.")}
+        if "url" in fields:
+            data["url"] = fields["url"]
+        return OutboundMessage(
+            message_id=message.id,
+            run_id=message.run_id,
+            channel=kind,
+            to=message.address or "",
+            title=fields.get("title"),
+            body=fields.get("body", ""),
+            data=data,
+        )
+    return OutboundMessage(
+        message_id=message.id,
+        run_id=message.run_id,
+        channel=kind,
+        to=message.address or "",
+        body=fields.get("body", ""),
+        sender=channel.sender,
+    )
+
+
+async def _send_one(
+    rt: Runtime, prepared: PreparedCampaign, evaluator: Evaluator, message: MessageRecord
+) -> Result:
+    channel = prepared.channels[message.channel_index]
+    account = message.provider
+    unsubscribe = _unsubscribe_url(rt, prepared, message)
+    try:
+        rendered = evaluator.render(
+            channel, message.context or {}, message.recipient_id, unsubscribe_url=unsubscribe
+        )
+    except RecipientError as exc:
+        return Result(message.id, Status.INVALID, attempted=False, error_code=exc.code, error_text=exc.reason)
+    parts = rendered.sms.parts if rendered.sms is not None else 1
+    outbound = _outbound(prepared, channel, message, rendered.fields, unsubscribe)
+    limiter = rt.limiter(account)
+    options = rt.config.account(account)
+    units = parts if getattr(options, "rate_unit", "messages") == "parts" else 1
+    retry = prepared.campaign.retry
+    try:
+        await limiter.acquire(units)
+        async with limiter.slots:
+            result = await rt.provider(account).send(outbound)
+    except ThrottledError as exc:
+        wait = exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_THROTTLE_WAIT_S
+        return Result(
+            message.id,
+            Status.CREATED,
+            attempted=False,
+            provider=account,
+            error_code=exc.code,
+            error_text=exc.detail,
+            next_attempt_at=now_utc() + timedelta(seconds=wait),
+        )
+    except TransientError as exc:
+        attempt = message.attempts + 1
+        if attempt >= retry.max_attempts:
+            return Result(
+                message.id,
+                Status.TEMPORARY_FAILURE,
+                provider=account,
+                error_code=exc.code,
+                error_text=f"{exc.detail} (after {attempt} attempts)",
+            )
+        return Result(
+            message.id,
+            Status.CREATED,
+            provider=account,
+            error_code=exc.code,
+            error_text=exc.detail,
+            next_attempt_at=now_utc() + backoff(retry, attempt, exc.retry_after_s),
+        )
+    except PermanentError as exc:
+        return Result(
+            message.id, Status.PERMANENT_FAILURE, provider=account, error_code=exc.code, error_text=exc.detail
+        )
+    except (TechnicalError, ProviderError) as exc:
+        logger.error(
+            "run %s message %s: provider %s refused the request: %s",
+            message.run_id,
+            message.id,
+            account,
+            exc.detail,
+        )
+        return Result(
+            message.id, Status.TECHNICAL_FAILURE, provider=account, error_code=exc.code, error_text=exc.detail
+        )
+    except Exception as exc:  # a driver bug must not lose the message: it is recorded, not re-raised
+        logger.exception("run %s message %s: driver %s failed", message.run_id, message.id, account)
+        return Result(
+            message.id,
+            Status.TECHNICAL_FAILURE,
+            provider=account,
+            error_code=type(exc).__name__,
+            error_text="the provider driver failed; see the worker log",
+        )
+    return Result(message.id, Status.SENT, provider=account, provider_reference=result.provider_reference)
