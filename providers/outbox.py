@@ -60,9 +60,14 @@ class OutboxProvider(Provider):
         return SendResult(provider_reference=f"outbox:{message.message_id}")
 
 
+#: RFC 5322 allows 998-character lines: long enough that List-Unsubscribe's URL is never folded into
+#: encoded words, which mail clients would not recognise as a link.
+_POLICY = SMTP.clone(max_line_length=998)
+
+
 def build_email(message: OutboundMessage) -> bytes:
     """The RFC 5322 bytes of an email message: text, or text + HTML as multipart/alternative."""
-    msg = EmailMessage(policy=SMTP)
+    msg = EmailMessage(policy=_POLICY)
     msg["From"] = message.sender or ""
     msg["To"] = message.to
     msg["Subject"] = message.subject or ""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -224,6 +224,21 @@ _RUN_FIELDS = tuple(f.name for f in fields(RunRecord))
 _MESSAGE_COLUMNS = tuple(
     messages_t.c[f.name] for f in fields(MessageRecord) if f.name not in ("line", "context")
 )
+_RECIPIENT_KEYS = ("run_id", "recipient_id", "segment", "line", "context")
+_MESSAGE_KEYS = (
+    *(
+        "id",
+        "run_id",
+        "recipient_id",
+        "segment",
+        "channel",
+        "channel_index",
+        "provider",
+        "status",
+        "attempts",
+    ),
+    *("address", "error_code", "error_text", "created_at", "final_at", "updated_at"),
+)
 _JOIN = and_(
     recipients_t.c.run_id == messages_t.c.run_id, recipients_t.c.recipient_id == messages_t.c.recipient_id
 )
@@ -260,6 +275,10 @@ class Ledger:
         self._engine, memory = _engine_for(url)
         self._postgresql = self._engine.dialect.name == "postgresql"
         self._where = self._engine.url.render_as_string(hide_password=True)
+        # A datetime in the driver's form, for the bulk inserts that bypass SQLAlchemy's processing.
+        self._stamp: Callable[[datetime], Any] = UTCDateTime().bind_processor(self._engine.dialect) or (
+            lambda v: v
+        )
         # In memory every thread shares the one connection, so transactions must take turns.
         self._lock: AbstractContextManager[object] = threading.RLock() if memory else nullcontext()
 
@@ -407,42 +426,54 @@ class Ledger:
         interrupted split with fresh message ids keeps the first ones. A message created in a final
         status (``invalid``, ``skipped``, ``suppressed``) gets ``final_at`` now.
         """
-        now = datetime.now(UTC)
+        stamp = self._stamp(datetime.now(UTC))
+        strays = {m.recipient_id for m in messages}.difference(r.recipient_id for r in recipients)
+        if strays:
+            raise ValueError(f"{len(strays)} message recipient(s) are not among the batch's recipients")
         recipient_rows = [
-            {
-                "run_id": run_id,
-                "recipient_id": r.recipient_id,
-                "segment": r.segment,
-                "line": r.line,
-                "context": _json(dict(r.context)),
-            }
-            for r in recipients
+            (run_id, r.recipient_id, r.segment, r.line, _json(dict(r.context))) for r in recipients
         ]
         message_rows = [
-            {
-                "id": m.id,
-                "run_id": run_id,
-                "recipient_id": m.recipient_id,
-                "segment": m.segment,
-                "channel": m.channel,
-                "channel_index": m.channel_index,
-                "provider": m.provider,
-                "status": Status(m.status).value,
-                "attempts": 0,
-                "address": m.address,
-                "error_code": m.error_code,
-                "error_text": m.error_text,
-                "created_at": now,
-                "final_at": now if m.status in FINAL else None,
-                "updated_at": now,
-            }
+            (
+                m.id,
+                run_id,
+                m.recipient_id,
+                m.segment,
+                m.channel,
+                m.channel_index,
+                m.provider,
+                Status(m.status).value,
+                0,
+                m.address,
+                m.error_code,
+                m.error_text,
+                stamp,
+                stamp if m.status in FINAL else None,
+                stamp,
+            )
             for m in messages
         ]
         with self._tx() as conn:
-            if recipient_rows:
-                conn.execute(self._insert_ignore(recipients_t), recipient_rows)
-            if message_rows:
-                conn.execute(self._insert_ignore(messages_t), message_rows)
+            self._insert_many(conn, recipients_t, _RECIPIENT_KEYS, recipient_rows)
+            self._insert_many(conn, messages_t, _MESSAGE_KEYS, message_rows)
+
+    def _insert_many(
+        self, conn: Connection, table: Table, keys: tuple[str, ...], rows: list[tuple[Any, ...]]
+    ) -> None:
+        """INSERT ... ON CONFLICT DO NOTHING of ``rows``, already in the driver's form, by executemany.
+
+        Straight to the driver: SQLAlchemy's per-value processing cost more than the insert itself.
+        """
+        if not rows:
+            return
+        compiled = self._insert_ignore(table).compile(dialect=self._engine.dialect, column_keys=list(keys))
+        if compiled.positiontup is None:  # named parameters (psycopg)
+            conn.exec_driver_sql(str(compiled), [dict(zip(keys, row, strict=True)) for row in rows])
+            return
+        order = [keys.index(name) for name in compiled.positiontup]
+        if order != list(range(len(keys))):
+            rows = [tuple(row[i] for i in order) for row in rows]
+        conn.exec_driver_sql(str(compiled), rows)
 
     # Sending -------------------------------------------------------------------------------------
     def due(self, run_id: str, segment: int, now: datetime, *, limit: int = 10_000) -> list[MessageRecord]:

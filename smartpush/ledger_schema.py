@@ -148,10 +148,9 @@ messages = Table(
     Column("delivered_at", UTCDateTime),
     Column("final_at", UTCDateTime),
     Column("updated_at", UTCDateTime, nullable=False),
+    # Every message belongs to a recipient row. Ledger.add_batch, the only writer of both, checks it:
+    # a foreign key's per-row trigger made the split 40% slower on PostgreSQL.
     UniqueConstraint("run_id", "recipient_id", "channel"),
-    ForeignKeyConstraint(
-        ["run_id", "recipient_id"], ["recipients.run_id", "recipients.recipient_id"], ondelete="CASCADE"
-    ),
     # One index serves due/claim (run, status, segment), counts/cancel/expire (run, status), the
     # pending-segment and sweeper scans (run, status, then segments in order) and, since the sweeper
     # looks only at running runs and few messages are ever `sending`, the sending_at check too.

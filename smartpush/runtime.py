@@ -13,13 +13,14 @@ import contextlib
 import hashlib
 import hmac
 import threading
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 from . import registry
 from .config import Config, load_config
-from .ledger import Ledger, RunRecord
+from .ledger import Ledger, RunRecord, RunState
 from .loading import PreparedCampaign, load_campaign
 from .provider import Provider
 from .ratelimit import RateLimiter
@@ -28,6 +29,9 @@ from .recipients import Evaluator
 __all__ = ["Runtime", "database_url"]
 
 T = TypeVar("T")
+
+#: How long a process trusts its last reading of a run's state (pause, cancel) before reading it again.
+RUN_STATE_TTL_S = 0.5
 
 
 def database_url(config: Config) -> str:
@@ -49,6 +53,8 @@ class _LoopThread:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 class Runtime:
@@ -62,6 +68,7 @@ class Runtime:
         self._limiters: dict[str, RateLimiter] = {}
         self._campaigns: dict[str, PreparedCampaign] = {}
         self._evaluators: dict[str, Evaluator] = {}
+        self._run_states: dict[str, tuple[float, bool]] = {}
         self._loop: _LoopThread | None = None
         self._key = config.secret_key()
 
@@ -100,6 +107,23 @@ class Runtime:
             with self._lock:
                 self._campaigns[run.id] = prepared
         return prepared
+
+    def sending_allowed(self, run_id: str) -> bool:
+        """Whether the run may still send (running or splitting), read at most every RUN_STATE_TTL_S.
+
+        Checked before each message leaves, so `pause` and `cancel` take effect within a second even
+        in a batch that the rate limit stretches over minutes.
+        """
+        now = time.monotonic()
+        with self._lock:
+            cached = self._run_states.get(run_id)
+        if cached is not None and now - cached[0] < RUN_STATE_TTL_S:
+            return cached[1]
+        run = self.ledger.get_run(run_id)
+        allowed = run is not None and run.state in (RunState.RUNNING, RunState.SPLITTING)
+        with self._lock:
+            self._run_states[run_id] = (now, allowed)
+        return allowed
 
     def evaluator(self, run: RunRecord, prepared: PreparedCampaign) -> Evaluator:
         """One evaluator per run and process (it holds the compiled templates' render state)."""

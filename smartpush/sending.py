@@ -111,6 +111,8 @@ def process_segment(rt: Runtime, enqueue: Enqueue, run_id: str, segment: int) ->
         _follow_up(rt, run, batch, results, outcome)
         current = ledger.get_run(run_id)
         if current is None or current.state not in (RunState.RUNNING, RunState.SPLITTING):
+            if current is not None and current.state is RunState.CANCELLED:
+                ledger.cancel_unsent(run_id, now_utc())  # messages this batch handed back
             logger.info("run %s is %s: segment %d stops", run_id, current and current.state, segment)
             return outcome
     else:
@@ -274,6 +276,9 @@ async def _send_one(
     try:
         await limiter.acquire(units)
         async with limiter.slots:
+            # The rate limit may have held this message for a while: is the run still sending?
+            if not await asyncio.to_thread(rt.sending_allowed, message.run_id):
+                return Result(message.id, Status.CREATED, attempted=False)
             result = await rt.provider(account).send(outbound)
     except ThrottledError as exc:
         wait = exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_THROTTLE_WAIT_S

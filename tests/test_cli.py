@@ -174,7 +174,9 @@ def test_french_export_in_cp1252_is_detected(project: Path, run_cli: Run) -> Non
 
 def test_several_campaigns_at_once(project: Path, run_cli: Run) -> None:
     broken = project / "campaigns" / "broken.yaml"
-    broken.write_text((project / CAMPAIGN).read_text().replace("name: rappel-vaccination-grippe", "name: Cassé"))
+    broken.write_text(
+        (project / CAMPAIGN).read_text().replace("name: rappel-vaccination-grippe", "name: Cassé")
+    )
     result = run_cli("plan", CAMPAIGN, "campaigns/broken.yaml", "--json", cwd=project)
     assert result.returncode == 1  # the worst of the two
     good, bad = json.loads(result.stdout)

@@ -92,6 +92,15 @@ def test_plan_in_processes_equals_one_pass(tmp_path: Path, monkeypatch: pytest.M
     three = make_plan(prepared, processes=3)
     assert (one.processes, three.processes) == (1, 3)
     assert one.duplicates and one.invalid_messages
-    for field in ("rows", "recipients", "duplicates", "invalid_rows", "invalid_messages", "channels",
-                  "unreachable", "segments", "duration"):
+    for field in (
+        "rows",
+        "recipients",
+        "duplicates",
+        "invalid_rows",
+        "invalid_messages",
+        "channels",
+        "unreachable",
+        "segments",
+        "duration",
+    ):
         assert getattr(one, field) == getattr(three, field), field

@@ -1,0 +1,304 @@
+"""The dispatch engine, embedded: real SQLite ledger, real webhook driver, real HTTP provider on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from smartpush.config import load_config
+from smartpush.engine import Engine
+from smartpush.launch import launch
+from smartpush.ledger import RunState, Status
+from smartpush.loading import load_campaign
+from smartpush.testing import FakeProviderServer, Reply
+
+CAMPAIGN = """\
+name: essai
+category: service
+audience:
+  source: people.csv
+  id: id
+segments:
+  size: {size}
+channels:
+  - channel: sms
+    provider: sms
+    body: "Bonjour {{{{ prenom }}}}, votre rendez-vous est confirmé."
+  - channel: email
+    provider: mail
+    from: "Service <noreply@example.fr>"
+    subject: "Rendez-vous"
+    text: "Bonjour {{{{ prenom }}}}"
+strategy: {strategy}
+retry:
+  max_attempts: {attempts}
+  backoff: {{min: 20ms, max: 100ms}}
+  expire_after: {expire}
+"""
+
+
+@pytest.fixture
+def server() -> Iterator[FakeProviderServer]:
+    with FakeProviderServer() as s:
+        yield s
+
+
+def make_project(
+    tmp_path: Path,
+    server: FakeProviderServer,
+    *,
+    rows: int = 20,
+    size: int = 7,
+    strategy: str = "first-reachable",
+    attempts: int = 4,
+    expire: str = "24h",
+    sms_rate: str = "",
+) -> Path:
+    rate = f"\n    rate: {sms_rate}" if sms_rate else ""
+    (tmp_path / "smartpush.yaml").write_text(
+        f"database: sqlite:///{tmp_path / 'ledger.db'}\n"
+        f"providers:\n"
+        f"  sms:\n    type: webhook\n    base_url: {server.url}\n    path: /sms\n    sender: MAIRIE{rate}\n"
+        f"  mail:\n    type: webhook\n    base_url: {server.url}\n    path: /mail\n",
+        encoding="utf-8",
+    )
+    lines = ["id;prenom;phone;email"]
+    for i in range(rows):
+        lines.append(f"{i};Zoé{i};06{12345600 + i:08d};p{i}@example.fr")
+    (tmp_path / "people.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path = tmp_path / "campaign.yaml"
+    path.write_text(
+        CAMPAIGN.format(size=size, strategy=strategy, attempts=attempts, expire=expire), encoding="utf-8"
+    )
+    return path
+
+
+class Harness:
+    def __init__(self, campaign: Path, threads: int = 2) -> None:
+        self.config = load_config(campaign.parent / "smartpush.yaml", env={})
+        self.prepared = load_campaign(campaign, self.config)
+        self.engine = Engine(self.config)
+        self.ledger = self.engine.rt.ledger
+        self.worker = self.engine.worker(threads)
+
+    def launch(self, key: str | None = None) -> str:
+        return launch(self.engine.rt, self.prepared, enqueue=self.engine.enqueue, key=key).run.id
+
+    def wait(
+        self, run_id: str, states: tuple[RunState, ...] = (RunState.FINISHED,), timeout: float = 30
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.ledger.get_run(run_id)
+            if run is not None and run.state in states:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"run {run_id} did not reach {states}: {self.ledger.counts(run_id)}")
+
+    def statuses(self, run_id: str) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (channel, status), n in self.ledger.counts(run_id).items():
+            out.setdefault(channel, {})[status.value] = n
+        return out
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.engine.close()
+
+
+@pytest.fixture
+def harness_factory() -> Iterator[list[Harness]]:
+    made: list[Harness] = []
+    yield made
+    for h in made:
+        h.close()
+
+
+def start(made: list[Harness], campaign: Path, threads: int = 2) -> Harness:
+    h = Harness(campaign, threads)
+    made.append(h)
+    return h
+
+
+def test_every_recipient_gets_one_message_once(
+    tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
+) -> None:
+    h = start(harness_factory, make_project(tmp_path, server, rows=50, size=7))
+    run_id = h.launch()
+    h.wait(run_id)
+    assert h.statuses(run_id) == {"sms": {"sent": 50}, "email": {"skipped": 50}}
+    keys = server.requests_per_key()
+    assert len(keys) == 50 and set(keys.values()) == {1}
+    run = h.ledger.get_run(run_id)
+    assert run is not None and run.segments == 8 and run.recipients == 50
+    bodies = [r.json["body"] for r in server.requests]
+    assert "Bonjour Zoé7, votre rendez-vous est confirmé." in bodies
+    refs = [m.provider_reference for m in h.ledger.messages(run_id) if m.channel == "sms"]
+    assert all(refs)
+
+
+def test_the_same_key_gives_the_same_run(
+    tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
+) -> None:
+    h = start(harness_factory, make_project(tmp_path, server, rows=10))
+    first = h.launch(key="rappel@2026-12-01T09:00")
+    h.wait(first)
+    again = h.launch(key="rappel@2026-12-01T09:00")
+    assert again == first
+    time.sleep(0.3)
+    assert len(server.requests) == 10
+
+
+def test_transient_errors_are_retried_and_counted(
+    tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
+) -> None:
+    server.script([Reply(500), Reply(503), Reply(200)])
+    h = start(harness_factory, make_project(tmp_path, server, rows=1))
+    run_id = h.launch()
+    h.wait(run_id)
+    (sms,) = [m for m in h.ledger.messages(run_id) if m.channel == "sms"]
+    assert sms.status is Status.SENT and sms.attempts == 3
+    assert server.requests_per_key()[sms.id] == 3  # the same idempotency key every time
+
+
+def test_throttling_does_not_spend_attempts(
+    tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
+) -> None:
+    server.script([Reply(429, headers={"Retry-After": "0"})] * 5)
+    h = start(harness_factory, make_project(tmp_path, server, rows=1, attempts=2))
+    run_id = h.launch()
+    h.wait(run_id)
+    (sms,) = [m for m in h.ledger.messages(run_id) if m.channel == "sms"]
+    assert sms.status is Status.SENT
+    assert sms.attempts == 1  # five throttled answers, one real attempt
+    assert len(server.requests) == 6
+
+
+def test_exhausted_retries_end_in_temporary_failure(
+    tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
+) -> None:
+    server.responder = lambda request: Reply(500) if request.path == "/sms" else Reply(200)
+    h = start(harness_factory, make_project(tmp_path, server, rows=2, attempts=3))
+    run_id = h.launch()
+    h.wait(run_id)
+    sms = [m for m in h.ledger.messages(run_id) if m.channel == "sms"]
+    assert {m.status for m in sms} == {Status.TEMPORARY_FAILURE}
+    assert {m.attempts for m in sms} == {3}
+    # first-reachable: a failed channel hands the recipient to the next one
+    assert h.statuses(run_id)["email"] == {"sent": 2}
+
+
+def test_permanent_failure_falls_back_to_the_next_channel(
+    tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
+) -> None:
+    def answer(request: object) -> Reply:
+        body = getattr(request, "json", {}) or {}
+        if getattr(request, "path", "") == "/sms" and body.get("to", "").endswith("03"):
+            return Reply(400, json={"error": {"code": "INVALID_NUMBER"}})
+        return Reply(200)
+
+    server.responder = answer
+    h = start(harness_factory, make_project(tmp_path, server, rows=6))
+    run_id = h.launch()
+    h.wait(run_id)
+    assert h.statuses(run_id) == {
+        "sms": {"sent": 5, "permanent-failure": 1},
+        "email": {"sent": 1, "skipped": 5},
+    }
+    failed = [m for m in h.ledger.messages(run_id) if m.status is Status.PERMANENT_FAILURE]
+    assert failed[0].error_code == "INVALID_NUMBER" and failed[0].attempts == 1
+
+
+def test_a_segment_delivered_twice_sends_nothing_twice(
+    tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
+) -> None:
+    server.delay_s = 0.02
+    h = start(harness_factory, make_project(tmp_path, server, rows=30, size=30))
+    h.worker.stop()  # drive the actor by hand: two deliveries of segment 0 at the same time
+    run_id = launch(h.engine.rt, h.prepared, enqueue=lambda run, seg: None).run.id
+    threads = [threading.Thread(target=h.engine.handle, args=(run_id, 0)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    h.engine.handle(run_id, 0)  # and once more, after it is done
+    assert server.requests_per_key().most_common(1)[0][1] == 1
+    assert len(server.requests) == 30
+    assert h.ledger.get_run(run_id).state is RunState.FINISHED  # type: ignore[union-attr]
+    h.worker = h.engine.worker(1)
+
+
+def test_pause_resume_and_cancel(
+    tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
+) -> None:
+    server.delay_s = 0.01
+    h = start(harness_factory, make_project(tmp_path, server, rows=300, size=50, sms_rate="100/s"))
+    run_id = h.launch()
+    time.sleep(0.5)
+    assert h.ledger.set_run_state(run_id, RunState.PAUSED)
+    time.sleep(1.0)  # in-flight batches finish; nothing more leaves
+    frozen = len(server.requests)
+    time.sleep(1.0)
+    assert len(server.requests) == frozen
+    assert 0 < frozen < 300
+    assert h.ledger.set_run_state(run_id, RunState.RUNNING, only_from=frozenset({RunState.PAUSED}))
+    h.engine.resume(run_id)
+    time.sleep(0.5)
+    assert h.ledger.set_run_state(run_id, RunState.CANCELLED)
+    cancelled = h.ledger.cancel_unsent(run_id, datetime.now(UTC))
+    time.sleep(1.5)  # batches in flight hand their unsent messages back, and they are cancelled too
+    everything = h.statuses(run_id)
+    counts, email = everything["sms"], everything["email"]
+    assert cancelled > 0 and counts["cancelled"] + email["cancelled"] >= cancelled
+    assert counts["sent"] == len(server.requests_per_key())
+    assert counts["sent"] + counts["cancelled"] == 300
+    # a fallback is skipped once its recipient is reached, or cancelled with the run (also when the
+    # SMS in flight at the cancel went out afterwards)
+    assert set(email) == {"skipped", "cancelled"} and email["skipped"] + email["cancelled"] == 300
+    assert email["skipped"] <= counts["sent"]
+    assert h.ledger.get_run(run_id).state is RunState.CANCELLED  # type: ignore[union-attr]
+
+
+def test_expired_messages_are_never_sent_late(
+    tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
+) -> None:
+    h = start(harness_factory, make_project(tmp_path, server, rows=5, expire="1ms"))
+    h.worker.stop()
+    run_id = launch(h.engine.rt, h.prepared, enqueue=lambda run, seg: None).run.id
+    time.sleep(0.05)
+    h.engine.handle(run_id, 0)
+    assert server.requests == []
+    assert h.statuses(run_id)["sms"] == {"expired": 5}
+    h.worker = h.engine.worker(1)
+
+
+def test_resume_after_a_split_that_died(
+    tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
+) -> None:
+    h = start(harness_factory, make_project(tmp_path, server, rows=2500, size=100))
+    h.worker.stop()
+
+    class Died(Exception):
+        pass
+
+    def dying_rows() -> Iterator[object]:
+        for i, row in enumerate(h.prepared.audience):
+            if i == 1500:
+                raise Died
+            yield row
+
+    with pytest.raises(Died):
+        launch(h.engine.rt, h.prepared, enqueue=lambda run, seg: None, key="k", rows=dying_rows())  # type: ignore[arg-type]
+    run = h.ledger.find_run("k")
+    assert not run.split_complete and 0 < run.recipients <= 1500
+    h.worker = h.engine.worker(2)
+    again = launch(h.engine.rt, h.prepared, enqueue=h.engine.enqueue, key="k")
+    assert again.run.id == run.id and again.resumed
+    h.wait(run.id)
+    assert h.statuses(run.id)["sms"] == {"sent": 2500}
+    assert len(server.requests_per_key()) == 2500
