@@ -167,8 +167,7 @@ def worker(state: State, processes: int | None, threads: int, queues: tuple[str,
         "--processes",
         str(processes or os.cpu_count() or 1),
     ]
-    for q in queues or ("urgent", "normal", "bulk"):
-        args += ["--queues", queue_name(q)]
+    args += ["--queues", *(queue_name(q) for q in queues or ("urgent", "normal", "bulk"))]
     parsed = dramatiq.cli.make_argument_parser().parse_args(args)  # type: ignore[no-untyped-call]
     raise SystemExit(dramatiq.cli.main(parsed))  # type: ignore[no-untyped-call]
 

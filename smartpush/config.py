@@ -54,6 +54,11 @@ class Settings(BaseModel):
     #: How long per-message personal data is kept before `purge` removes it.
     retention: Duration = Field(default="30d", validate_default=True)
     unsubscribe_mailto: str | None = None
+    #: A message ``sending`` for longer than this lost its worker and is sent again (a send takes at
+    #: most the provider timeout; providers that honour the idempotency key drop the repeat).
+    stuck_after: Duration = Field(default="5min", validate_default=True)
+    #: How often each worker looks for stuck messages and lost segments.
+    sweep_every: Duration = Field(default="30s", validate_default=True)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("region")

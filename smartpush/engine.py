@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import dramatiq
 
@@ -22,12 +22,9 @@ __all__ = ["Engine"]
 
 logger = logging.getLogger("smartpush.engine")
 
-#: A message ``sending`` for longer than this lost its worker (a send takes at most the provider timeout).
-SENDING_GRACE = timedelta(minutes=5)
-#: A due ``created`` message untouched for this long lost its queued segment (e.g. Redis lost it).
-DUE_GRACE = timedelta(minutes=10)
-#: How often each worker process sweeps.
-SWEEP_INTERVAL_S = 30.0
+#: A due ``created`` message untouched this many times ``stuck_after`` lost its queued segment
+#: (e.g. Redis restarted without its data): the sweeper queues the segment again.
+LOST_FACTOR = 2
 
 
 class Engine:
@@ -84,9 +81,10 @@ class Engine:
         """Requeue segments whose worker died or whose queued message was lost; finish finished runs."""
         ledger = self.rt.ledger
         now = datetime.now(UTC)
-        found = ledger.stuck(sending_before=now - SENDING_GRACE, due_before=now - DUE_GRACE)
+        grace = self.config.settings.stuck_after
+        found = ledger.stuck(sending_before=now - grace, due_before=now - grace * LOST_FACTOR)
         for run_id, segment in found:
-            released = ledger.unstick(run_id, segment, sending_before=now - SENDING_GRACE, now=now)
+            released = ledger.unstick(run_id, segment, sending_before=now - grace, now=now)
             logger.warning(
                 "sweeper: run %s segment %d requeued (%d messages were stuck)", run_id, segment, released
             )
@@ -97,12 +95,14 @@ class Engine:
         return len(found)
 
     def start_sweeper(self) -> threading.Thread:
+        every = self.config.settings.sweep_every.total_seconds()
+
         def loop() -> None:
-            while not self._stop.wait(SWEEP_INTERVAL_S):
+            while not self._stop.wait(every):
                 try:
                     self.sweep()
                 except Exception:  # the sweeper must outlive a database hiccup
-                    logger.exception("sweeper failed; trying again in %d s", int(SWEEP_INTERVAL_S))
+                    logger.exception("sweeper failed; trying again in %d s", int(every))
 
         thread = threading.Thread(target=loop, name="smartpush-sweeper", daemon=True)
         thread.start()

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
@@ -46,7 +48,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row, RowMapping, make_url
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, StatementError
 from sqlalchemy.pool import StaticPool
 
 from .errors import ConfigError, InfrastructureError, RunNotFound
@@ -217,9 +219,12 @@ _AMBIGUOUS_SHOWN = 5
 _SEGMENTS_PER_TX = 20
 #: How long an SQLite writer waits for another one before it gives up.
 _BUSY_TIMEOUT_S = 30
+#: Pause between tries to switch a new SQLite file to WAL while another connection does the same.
+_WAL_RETRY_S = 0.02
 #: The ``pg_advisory_xact_lock`` key that serialises :meth:`Ledger.migrate` ("smartpsh" in ASCII).
 _MIGRATE_LOCK = 0x736D_6172_7470_7368
 
+_STATUSES = {status.value: status for status in Status}
 _RUN_FIELDS = tuple(f.name for f in fields(RunRecord))
 _MESSAGE_COLUMNS = tuple(
     messages_t.c[f.name] for f in fields(MessageRecord) if f.name not in ("line", "context")
@@ -294,6 +299,10 @@ class Ledger:
                         yield conn
             except (OperationalError, InterfaceError) as exc:
                 raise InfrastructureError(f"the ledger database {self._where} failed: {exc.orig}") from exc
+            except StatementError as exc:
+                if isinstance(exc.orig, ValueError):  # a naive datetime: the caller's mistake, said plainly
+                    raise exc.orig from None
+                raise
 
     def _insert_ignore(self, table: Table) -> Insert:
         if self._postgresql:
@@ -460,20 +469,44 @@ class Ledger:
     def _insert_many(
         self, conn: Connection, table: Table, keys: tuple[str, ...], rows: list[tuple[Any, ...]]
     ) -> None:
-        """INSERT ... ON CONFLICT DO NOTHING of ``rows``, already in the driver's form, by executemany.
+        """INSERT ... ON CONFLICT DO NOTHING of ``rows``, values already in the driver's form.
 
-        Straight to the driver: SQLAlchemy's per-value processing cost more than the insert itself.
+        Straight to the driver, because SQLAlchemy's per-value processing cost more than the insert
+        itself. SQLite: executemany. PostgreSQL: COPY into a temporary table, then one INSERT ...
+        SELECT, 1.7 times as fast as executemany or insertmanyvalues (measured: 57 against 100 ms for
+        1,000 recipients and 3,000 messages).
         """
         if not rows:
             return
-        compiled = self._insert_ignore(table).compile(dialect=self._engine.dialect, column_keys=list(keys))
-        if compiled.positiontup is None:  # named parameters (psycopg)
-            conn.exec_driver_sql(str(compiled), [dict(zip(keys, row, strict=True)) for row in rows])
+        if self._postgresql:
+            self._copy_insert(conn, table, keys, rows)
             return
-        order = [keys.index(name) for name in compiled.positiontup]
+        compiled = self._insert_ignore(table).compile(dialect=self._engine.dialect, column_keys=list(keys))
+        order = [keys.index(name) for name in compiled.positiontup or keys]
         if order != list(range(len(keys))):
             rows = [tuple(row[i] for i in order) for row in rows]
         conn.exec_driver_sql(str(compiled), rows)
+
+    def _copy_insert(
+        self, conn: Connection, table: Table, keys: tuple[str, ...], rows: list[tuple[Any, ...]]
+    ) -> None:
+        columns = ", ".join(keys)
+        batch = f"smartpush_{table.name}_batch"
+        statement = f"COPY {batch} ({columns}) FROM STDIN"
+        driver: Any = conn.connection.driver_connection  # psycopg's own connection, in our transaction
+        dbapi_error: Any = self._engine.dialect.loaded_dbapi.Error
+        try:
+            with driver.cursor() as cursor:
+                cursor.execute(
+                    f"CREATE TEMPORARY TABLE IF NOT EXISTS {batch} (LIKE {table.name}) ON COMMIT DELETE ROWS"
+                )
+                with cursor.copy(statement) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                statement = f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {batch}"
+                cursor.execute(f"{statement} ON CONFLICT DO NOTHING")
+        except dbapi_error as exc:  # the same exceptions as every other statement raises
+            raise DBAPIError.instance(statement, None, exc, dbapi_error) from exc
 
     # Sending -------------------------------------------------------------------------------------
     def due(self, run_id: str, segment: int, now: datetime, *, limit: int = 10_000) -> list[MessageRecord]:
@@ -678,18 +711,22 @@ class Ledger:
         Only a ``running`` run whose split is complete (:meth:`update_split` ``complete=True``) is
         finished; ``finished_at`` is set to ``now``. True if this call finished it.
         """
-        pending = (
-            select(messages_t.c.id)
-            .where(messages_t.c.run_id == run_id, messages_t.c.status.in_(_ACTIVE))
-            .exists()
-        )
+        # MIN(segment) per status, not EXISTS: PostgreSQL answers MIN from the index whatever its
+        # statistics say, where EXISTS may be planned as a scan of the whole table.
+        none_left = [
+            select(func.min(messages_t.c.segment))
+            .where(messages_t.c.run_id == run_id, messages_t.c.status == status)
+            .scalar_subquery()
+            .is_(None)
+            for status in _ACTIVE
+        ]
         stmt = (
             update(runs_t)
             .where(
                 runs_t.c.id == run_id,
                 runs_t.c.state == RunState.RUNNING.value,
                 runs_t.c.split_complete.is_(True),
-                ~pending,
+                *none_left,
             )
             .values(state=RunState.FINISHED.value, finished_at=now)
         )
@@ -855,18 +892,21 @@ def _engine_for(url: str) -> tuple[Engine, bool]:
     return engine, memory
 
 
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
     # The driver must not begin transactions itself: _sqlite_begin does, so writers can take the lock.
     dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    for pragma in (
-        "journal_mode=WAL",
-        "synchronous=NORMAL",
-        f"busy_timeout={_BUSY_TIMEOUT_S * 1000}",
-        "foreign_keys=ON",
-    ):
-        cursor.execute(f"PRAGMA {pragma}")
-    cursor.close()
+    for pragma in (f"busy_timeout={_BUSY_TIMEOUT_S * 1000}", "synchronous=NORMAL", "foreign_keys=ON"):
+        dbapi_connection.execute(f"PRAGMA {pragma}")
+    # WAL is a property of the file, set by the first connection. Connections that open a new file
+    # together get "database is locked" at once (the busy handler does not cover it): they retry.
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    while dbapi_connection.execute("PRAGMA journal_mode").fetchone() not in (("wal",), ("memory",)):
+        try:
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(_WAL_RETRY_S)
 
 
 def _sqlite_begin(conn: Connection) -> None:
@@ -899,12 +939,15 @@ def _run_from(row: RowMapping) -> RunRecord:
 def _message_from(
     row: Row[*tuple[Any, ...]], contexts: dict[str | None, dict[str, Any] | None] | None
 ) -> MessageRecord:
-    """A record from a row of ``_MESSAGE_COLUMNS`` + line (+ context when ``contexts`` is a cache)."""
-    values = row._asdict()
-    values["status"] = Status(values["status"])
+    """A record from a row of ``_MESSAGE_COLUMNS``, line (and context when ``contexts`` is a cache).
+
+    The columns are in the dataclass's field order, so the row's values go straight in.
+    """
+    record = MessageRecord(*row)
+    record.status = _STATUSES[record.status]
     if contexts is not None:
-        text = values.pop("context")
+        text: str | None = record.context  # type: ignore[assignment]  # still the stored JSON text
         if text not in contexts:
             contexts[text] = None if text is None else json.loads(text)
-        values["context"] = contexts[text]
-    return MessageRecord(**values)
+        record.context = contexts[text]
+    return record
