@@ -86,7 +86,12 @@ class Engine:
         for run_id, segment in found:
             released = ledger.unstick(run_id, segment, sending_before=now - grace, now=now)
             logger.warning(
-                "sweeper: run %s segment %d requeued (%d messages were stuck)", run_id, segment, released
+                "sweeper: run %s segment %d requeued (%d messages were stuck sending, or due ones waited "
+                "longer than %s)",
+                run_id,
+                segment,
+                released,
+                grace * LOST_FACTOR,
             )
             self.enqueue(run_id, segment)
         for run in ledger.list_runs(limit=200):

@@ -16,30 +16,24 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import (
     Column,
     ColumnElement,
     Connection,
-    Engine,
     Insert,
     Integer,
     String,
     Table,
     and_,
     bindparam,
-    create_engine,
-    event,
     func,
     literal,
     or_,
@@ -47,12 +41,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Row, RowMapping, make_url
+from sqlalchemy.engine import Row, RowMapping
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, StatementError
-from sqlalchemy.pool import StaticPool
 
-from .errors import ConfigError, InfrastructureError, RunNotFound
-from .ledger_schema import UTCDateTime, upgrade
+from .errors import InfrastructureError, RunNotFound
+from .ledger_schema import WRITE, UTCDateTime, make_engine, upgrade
 from .ledger_schema import messages as messages_t
 from .ledger_schema import recipients as recipients_t
 from .ledger_schema import runs as runs_t
@@ -217,10 +210,6 @@ _MIN_PREFIX = 6
 _AMBIGUOUS_SHOWN = 5
 #: Segments changed per transaction by expire/cancel, so that other SQLite writers never wait long.
 _SEGMENTS_PER_TX = 20
-#: How long an SQLite writer waits for another one before it gives up.
-_BUSY_TIMEOUT_S = 30
-#: Pause between tries to switch a new SQLite file to WAL while another connection does the same.
-_WAL_RETRY_S = 0.02
 #: The ``pg_advisory_xact_lock`` key that serialises :meth:`Ledger.migrate` ("smartpsh" in ASCII).
 _MIGRATE_LOCK = 0x736D_6172_7470_7368
 
@@ -231,18 +220,8 @@ _MESSAGE_COLUMNS = tuple(
 )
 _RECIPIENT_KEYS = ("run_id", "recipient_id", "segment", "line", "context")
 _MESSAGE_KEYS = (
-    *(
-        "id",
-        "run_id",
-        "recipient_id",
-        "segment",
-        "channel",
-        "channel_index",
-        "provider",
-        "status",
-        "attempts",
-    ),
-    *("address", "error_code", "error_text", "created_at", "final_at", "updated_at"),
+    *("id", "run_id", "recipient_id", "segment", "channel", "channel_index", "provider", "status"),
+    *("attempts", "address", "error_code", "error_text", "created_at", "final_at", "updated_at"),
 )
 _JOIN = and_(
     recipients_t.c.run_id == messages_t.c.run_id, recipients_t.c.recipient_id == messages_t.c.recipient_id
@@ -277,13 +256,13 @@ class Ledger:
     """
 
     def __init__(self, url: str) -> None:
-        self._engine, memory = _engine_for(url)
+        self._engine, memory = make_engine(url)
         self._postgresql = self._engine.dialect.name == "postgresql"
         self._where = self._engine.url.render_as_string(hide_password=True)
         # A datetime in the driver's form, for the bulk inserts that bypass SQLAlchemy's processing.
-        self._stamp: Callable[[datetime], Any] = UTCDateTime().bind_processor(self._engine.dialect) or (
-            lambda v: v
-        )
+        stamp = UTCDateTime().bind_processor(self._engine.dialect)
+        self._stamp: Callable[[datetime], Any] = stamp if stamp is not None else lambda value: value
+        self._inserts: dict[str, tuple[str, list[int]]] = {}  # table → SQLite INSERT, order of its values
         # In memory every thread shares the one connection, so transactions must take turns.
         self._lock: AbstractContextManager[object] = threading.RLock() if memory else nullcontext()
 
@@ -294,7 +273,7 @@ class Ledger:
             try:
                 with self._engine.connect() as conn:
                     if write:
-                        conn.execution_options(smartpush_write=True)
+                        conn.execution_options(**{WRITE: True})
                     with conn.begin():
                         yield conn
             except (OperationalError, InterfaceError) as exc:
@@ -481,11 +460,18 @@ class Ledger:
         if self._postgresql:
             self._copy_insert(conn, table, keys, rows)
             return
-        compiled = self._insert_ignore(table).compile(dialect=self._engine.dialect, column_keys=list(keys))
-        order = [keys.index(name) for name in compiled.positiontup or keys]
-        if order != list(range(len(keys))):
+        if table.name not in self._inserts:
+            compiled = self._insert_ignore(table).compile(
+                dialect=self._engine.dialect, column_keys=list(keys)
+            )
+            self._inserts[table.name] = (
+                str(compiled),
+                [keys.index(name) for name in compiled.positiontup or keys],
+            )
+        statement, order = self._inserts[table.name]
+        if order != list(range(len(keys))):  # SQLAlchemy put the columns in another order than ``keys``
             rows = [tuple(row[i] for i in order) for row in rows]
-        conn.exec_driver_sql(str(compiled), rows)
+        conn.exec_driver_sql(statement, rows)
 
     def _copy_insert(
         self, conn: Connection, table: Table, keys: tuple[str, ...], rows: list[tuple[Any, ...]]
@@ -864,56 +850,6 @@ class Ledger:
             )
             stmt = stmt.where(match)
         return list(conn.execute(stmt).scalars())
-
-
-def _engine_for(url: str) -> tuple[Engine, bool]:
-    """An engine for ``url``, and whether it is an in-memory SQLite database (one shared connection)."""
-    parsed = make_url(url)
-    backend = parsed.drivername.partition("+")[0]
-    if backend in ("postgres", "postgresql"):
-        return create_engine(parsed.set(drivername="postgresql+psycopg"), pool_pre_ping=True), False
-    if backend != "sqlite":
-        raise ConfigError(
-            f"the database URL scheme '{parsed.drivername}' is not supported: use sqlite:///FILE.db "
-            "(embedded) or postgresql://USER@HOST/DB (distributed)"
-        )
-    parsed = parsed.set(drivername="sqlite+pysqlite")
-    memory = parsed.database in (None, "", ":memory:")
-    if memory:
-        engine = create_engine(parsed, poolclass=StaticPool, connect_args={"check_same_thread": False})
-    else:
-        path = Path(parsed.database or "").expanduser().resolve()  # relative to the cwd of now, not later
-        engine = create_engine(
-            parsed.set(database=str(path)),
-            connect_args={"timeout": _BUSY_TIMEOUT_S, "check_same_thread": False},
-        )
-    event.listen(engine, "connect", _sqlite_connect)
-    event.listen(engine, "begin", _sqlite_begin)
-    return engine, memory
-
-
-def _sqlite_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
-    # The driver must not begin transactions itself: _sqlite_begin does, so writers can take the lock.
-    dbapi_connection.isolation_level = None
-    for pragma in (f"busy_timeout={_BUSY_TIMEOUT_S * 1000}", "synchronous=NORMAL", "foreign_keys=ON"):
-        dbapi_connection.execute(f"PRAGMA {pragma}")
-    # WAL is a property of the file, set by the first connection. Connections that open a new file
-    # together get "database is locked" at once (the busy handler does not cover it): they retry.
-    deadline = time.monotonic() + _BUSY_TIMEOUT_S
-    while dbapi_connection.execute("PRAGMA journal_mode").fetchone() not in (("wal",), ("memory",)):
-        try:
-            dbapi_connection.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(_WAL_RETRY_S)
-
-
-def _sqlite_begin(conn: Connection) -> None:
-    # A deferred transaction that reads, then writes, fails at once with "database is locked" when
-    # another writer got in between; BEGIN IMMEDIATE waits for the lock (busy_timeout) instead.
-    write = conn.get_execution_options().get("smartpush_write", False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
 def _chunks(items: Sequence[T], size: int = _IN_CHUNK) -> Iterator[Sequence[T]]:

@@ -1,16 +1,20 @@
-"""The ledger's tables, and the steps that create and upgrade them (see :meth:`Ledger.migrate`).
+"""How the ledger is stored: the database engine, the tables, and the steps that create and upgrade
+them (see :meth:`Ledger.migrate`).
 
 The schema version lives in the one row of ``schema_version``. ``MIGRATIONS[i]`` upgrades a database
-from version ``i`` to ``i + 1``; version 0 is an empty database. A step, once released, never changes:
-a new schema is a new step appended to the list (version 1 creates the tables as they were first
-released, so the table definitions below must stay those of the latest version and the steps after
-1 must alter what step 1 made).
+from version ``i`` to ``i + 1``; version 0 is an empty database. A released step never changes: a new
+schema is a new step appended to the list. Step 1 builds the tables from the definitions below, which
+are today's; the day a step 2 changes them, freeze step 1 first (write its version-1 tables out), so
+that an empty database goes 0 → 1 → 2 like every other.
 """
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sqlalchemy import (
     Boolean,
@@ -18,6 +22,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Dialect,
+    Engine,
     ForeignKeyConstraint,
     Index,
     Integer,
@@ -27,17 +32,23 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    create_engine,
+    event,
     inspect,
     select,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
-from .errors import InfrastructureError
+from .errors import ConfigError, InfrastructureError
 
 __all__ = [
     "MIGRATIONS",
+    "WRITE",
     "UTCDateTime",
     "current_version",
+    "make_engine",
     "messages",
     "metadata",
     "recipients",
@@ -45,6 +56,14 @@ __all__ = [
     "schema_version",
     "upgrade",
 ]
+
+
+#: Execution option of a connection whose transaction will write (SQLite: BEGIN IMMEDIATE).
+WRITE = "smartpush_write"
+#: How long an SQLite writer waits for another one before it gives up.
+_BUSY_TIMEOUT_S = 30
+#: Pause between tries to switch a new SQLite file to WAL while another connection does the same.
+_WAL_RETRY_S = 0.02
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -167,6 +186,61 @@ Index(
     sqlite_where=messages.c.provider_reference.is_not(None),
     postgresql_where=messages.c.provider_reference.is_not(None),
 )
+
+
+def make_engine(url: str) -> tuple[Engine, bool]:
+    """An engine for ``url``, and whether it is an in-memory SQLite database (one shared connection).
+
+    ``postgres://`` and ``postgresql://`` use psycopg 3. SQLite runs in WAL mode with
+    ``synchronous=NORMAL``, foreign keys on, and writers waiting up to 30 s for each other; a
+    transaction begun with the execution option :data:`WRITE` takes the write lock at BEGIN.
+    """
+    parsed = make_url(url)
+    backend = parsed.drivername.partition("+")[0]
+    if backend in ("postgres", "postgresql"):
+        return create_engine(parsed.set(drivername="postgresql+psycopg"), pool_pre_ping=True), False
+    if backend != "sqlite":
+        raise ConfigError(
+            f"the database URL scheme '{parsed.drivername}' is not supported: use sqlite:///FILE.db "
+            "(embedded) or postgresql://USER@HOST/DB (distributed)"
+        )
+    parsed = parsed.set(drivername="sqlite+pysqlite")
+    memory = parsed.database in (None, "", ":memory:")
+    if memory:
+        engine = create_engine(parsed, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    else:
+        path = Path(parsed.database or "").expanduser().resolve()  # relative to the cwd of now, not later
+        engine = create_engine(
+            parsed.set(database=str(path)),
+            connect_args={"timeout": _BUSY_TIMEOUT_S, "check_same_thread": False},
+        )
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine, memory
+
+
+def _sqlite_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+    # The driver must not begin transactions itself: _sqlite_begin does, so writers can take the lock.
+    dbapi_connection.isolation_level = None
+    for pragma in (f"busy_timeout={_BUSY_TIMEOUT_S * 1000}", "synchronous=NORMAL", "foreign_keys=ON"):
+        dbapi_connection.execute(f"PRAGMA {pragma}")
+    # WAL is a property of the file, set by the first connection. Connections that open a new file
+    # together get "database is locked" at once (the busy handler does not cover it): they retry.
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    while dbapi_connection.execute("PRAGMA journal_mode").fetchone() not in (("wal",), ("memory",)):
+        try:
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(_WAL_RETRY_S)
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # A deferred transaction that reads, then writes, fails at once with "database is locked" when
+    # another writer got in between; BEGIN IMMEDIATE waits for the lock (busy_timeout) instead.
+    write = conn.get_execution_options().get(WRITE, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
 def _create_v1(conn: Connection) -> None:

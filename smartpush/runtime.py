@@ -114,16 +114,22 @@ class Runtime:
         Checked before each message leaves, so `pause` and `cancel` take effect within a second even
         in a batch that the rate limit stretches over minutes.
         """
+        known = self.known_sending_allowed(run_id)
+        if known is not None:
+            return known
         now = time.monotonic()
-        with self._lock:
-            cached = self._run_states.get(run_id)
-        if cached is not None and now - cached[0] < RUN_STATE_TTL_S:
-            return cached[1]
         run = self.ledger.get_run(run_id)
         allowed = run is not None and run.state in (RunState.RUNNING, RunState.SPLITTING)
         with self._lock:
             self._run_states[run_id] = (now, allowed)
         return allowed
+
+    def known_sending_allowed(self, run_id: str) -> bool | None:
+        """:meth:`sending_allowed` from the cache only (no database read): None when it is stale."""
+        cached = self._run_states.get(run_id)  # a dict read is atomic; no lock on the hot path
+        if cached is not None and time.monotonic() - cached[0] < RUN_STATE_TTL_S:
+            return cached[1]
+        return None
 
     def evaluator(self, run: RunRecord, prepared: PreparedCampaign) -> Evaluator:
         """One evaluator per run and process (it holds the compiled templates' render state)."""

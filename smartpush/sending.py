@@ -82,12 +82,6 @@ def process_segment(rt: Runtime, enqueue: Enqueue, run_id: str, segment: int) ->
         ledger.expire(run_id, created_before=None, now=now, reason="the campaign's not_after has passed")
         _finish(rt, run, now)
         return outcome
-    ledger.expire(
-        run_id,
-        created_before=now - campaign.retry.expire_after,
-        now=now,
-        reason=f"not sent within expire_after ({campaign.retry.expire_after})",
-    )
     window = effective_window(campaign)
     if window is not None:
         opens = next_opening(window, now)
@@ -106,7 +100,23 @@ def process_segment(rt: Runtime, enqueue: Enqueue, run_id: str, segment: int) ->
         batch = [m for m in due if m.id in won]
         if not batch:
             continue
-        results = rt.run(_send_all(rt, prepared, evaluator, batch))
+        cutoff = now - campaign.retry.expire_after
+        late = [m for m in batch if m.created_at < cutoff]
+        if late:  # never sent late: past expire_after, a message expires instead
+            batch = [m for m in batch if m.created_at >= cutoff]
+            expired = [
+                Result(
+                    m.id,
+                    Status.EXPIRED,
+                    attempted=False,
+                    error_code="expired",
+                    error_text=f"not sent within expire_after ({campaign.retry.expire_after})",
+                )
+                for m in late
+            ]
+            ledger.record(expired, now)
+            _follow_up(rt, run, late, expired, outcome)
+        results = rt.run(_send_all(rt, prepared, evaluator, batch)) if batch else []
         ledger.record(results, now_utc())
         _follow_up(rt, run, batch, results, outcome)
         current = ledger.get_run(run_id)
@@ -167,6 +177,7 @@ def _follow_up(
                 Status.TECHNICAL_FAILURE,
                 Status.TEMPORARY_FAILURE,
                 Status.SUPPRESSED,
+                Status.EXPIRED,
             ):
                 dead_end.setdefault(message.channel_index, []).append(message.recipient_id)
     if run.strategy != "first-reachable":
@@ -277,7 +288,10 @@ async def _send_one(
         await limiter.acquire(units)
         async with limiter.slots:
             # The rate limit may have held this message for a while: is the run still sending?
-            if not await asyncio.to_thread(rt.sending_allowed, message.run_id):
+            allowed = rt.known_sending_allowed(message.run_id)
+            if allowed is None:  # stale: read the ledger off the event loop
+                allowed = await asyncio.to_thread(rt.sending_allowed, message.run_id)
+            if not allowed:
                 return Result(message.id, Status.CREATED, attempted=False)
             result = await rt.provider(account).send(outbound)
     except ThrottledError as exc:

@@ -18,11 +18,10 @@ from typing import IO
 
 import psycopg
 import pytest
+from conftest import smartpush_exe
 
 from smartpush.ledger import Ledger, Status
 from smartpush.testing import FakeProviderServer
-
-from conftest import smartpush_exe
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 REDIS_DB = 9

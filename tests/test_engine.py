@@ -280,7 +280,7 @@ def test_expired_messages_are_never_sent_late(
 def test_resume_after_a_split_that_died(
     tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
 ) -> None:
-    h = start(harness_factory, make_project(tmp_path, server, rows=2500, size=100))
+    h = start(harness_factory, make_project(tmp_path, server, rows=5000, size=100))
     h.worker.stop()
 
     class Died(Exception):
@@ -288,17 +288,17 @@ def test_resume_after_a_split_that_died(
 
     def dying_rows() -> Iterator[object]:
         for i, row in enumerate(h.prepared.audience):
-            if i == 1500:
+            if i == 3000:
                 raise Died
             yield row
 
     with pytest.raises(Died):
         launch(h.engine.rt, h.prepared, enqueue=lambda run, seg: None, key="k", rows=dying_rows())  # type: ignore[arg-type]
     run = h.ledger.find_run("k")
-    assert not run.split_complete and 0 < run.recipients <= 1500
+    assert not run.split_complete and 2000 <= run.recipients <= 3000
     h.worker = h.engine.worker(2)
     again = launch(h.engine.rt, h.prepared, enqueue=h.engine.enqueue, key="k")
     assert again.run.id == run.id and again.resumed
     h.wait(run.id)
-    assert h.statuses(run.id)["sms"] == {"sent": 2500}
-    assert len(server.requests_per_key()) == 2500
+    assert h.statuses(run.id)["sms"] == {"sent": 5000}
+    assert len(server.requests_per_key()) == 5000
