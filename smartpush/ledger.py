@@ -452,8 +452,8 @@ class Ledger:
 
         Straight to the driver, because SQLAlchemy's per-value processing cost more than the insert
         itself. SQLite: executemany. PostgreSQL: COPY into a temporary table, then one INSERT ...
-        SELECT, 1.7 times as fast as executemany or insertmanyvalues (measured: 57 against 100 ms for
-        1,000 recipients and 3,000 messages).
+        SELECT: for 1,000 recipients and 3,000 messages, 57-67 ms against 148 ms by executemany and 114
+        ms by insertmanyvalues (measured on a 2-CPU VM; SQLite: 30-53 ms against 75 ms).
         """
         if not rows:
             return
@@ -492,6 +492,62 @@ class Ledger:
                 statement = f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {batch}"
                 cursor.execute(f"{statement} ON CONFLICT DO NOTHING")
         except dbapi_error as exc:  # the same exceptions as every other statement raises
+            raise DBAPIError.instance(statement, None, exc, dbapi_error) from exc
+
+    def _copy_record(self, conn: Connection, params: list[dict[str, Any]]) -> int:
+        """PostgreSQL: COPY the results into a temporary table, then one UPDATE ... FROM it.
+
+        An executemany of the UPDATE cost about 50 µs of client CPU per message, the largest share of
+        a worker's time; COPY costs a few.
+        """
+        stamp = self._stamp
+        rows = [
+            (
+                p["b_id"],
+                p["b_status"],
+                p["b_inc"],
+                p["b_provider"],
+                p["b_reference"],
+                p["b_code"],
+                p["b_text"],
+                None if p["b_next"] is None else stamp(p["b_next"]),
+                None if p["b_sent"] is None else stamp(p["b_sent"]),
+                None if p["b_delivered"] is None else stamp(p["b_delivered"]),
+                None if p["b_final"] is None else stamp(p["b_final"]),
+                stamp(p["b_now"]),
+            )
+            for p in params
+        ]
+        statement = (
+            "COPY smartpush_results (id, status, inc, provider, reference, code, text, next, sent, "
+            "delivered, final, now) FROM STDIN"
+        )
+        driver: Any = conn.connection.driver_connection
+        dbapi_error: Any = self._engine.dialect.loaded_dbapi.Error
+        try:
+            with driver.cursor() as cursor:
+                cursor.execute(
+                    "CREATE TEMPORARY TABLE IF NOT EXISTS smartpush_results (id text PRIMARY KEY, "
+                    "status text, "
+                    "inc integer, provider text, reference text, code text, text text, next timestamptz, "
+                    "sent timestamptz, delivered timestamptz, final timestamptz, now timestamptz) "
+                    "ON COMMIT DELETE ROWS"
+                )
+                with cursor.copy(statement) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                statement = (
+                    "UPDATE messages AS m SET status = r.status, attempts = m.attempts + r.inc, "
+                    "provider = COALESCE(r.provider, m.provider), provider_reference = r.reference, "
+                    "error_code = r.code, error_text = r.text, next_attempt_at = r.next, "
+                    "sent_at = COALESCE(r.sent, m.sent_at), "
+                    "delivered_at = COALESCE(r.delivered, m.delivered_at), "
+                    "final_at = r.final, updated_at = r.now "
+                    "FROM smartpush_results AS r WHERE m.id = r.id AND m.status = 'sending'"
+                )
+                cursor.execute(statement)
+                return int(cursor.rowcount)
+        except dbapi_error as exc:
             raise DBAPIError.instance(statement, None, exc, dbapi_error) from exc
 
     # Sending -------------------------------------------------------------------------------------
@@ -569,7 +625,10 @@ class Ledger:
         if not params:
             return
         with self._tx() as conn:
-            updated = conn.execute(_RECORD, params).rowcount
+            if self._postgresql:
+                updated = self._copy_record(conn, params)
+            else:
+                updated = conn.execute(_RECORD, params).rowcount
         if 0 <= updated < len(params):
             _log.warning(
                 "%d of %d results were for messages no longer sending: ignored",

@@ -119,8 +119,8 @@ def process_segment(rt: Runtime, enqueue: Enqueue, run_id: str, segment: int) ->
         results = rt.run(_send_all(rt, prepared, evaluator, batch)) if batch else []
         ledger.record(results, now_utc())
         _follow_up(rt, run, batch, results, outcome)
-        current = ledger.get_run(run_id)
-        if current is None or current.state not in (RunState.RUNNING, RunState.SPLITTING):
+        if not rt.sending_allowed(run_id):  # cached: at most one read of the run per RUN_STATE_TTL_S
+            current = ledger.get_run(run_id)
             if current is not None and current.state is RunState.CANCELLED:
                 ledger.cancel_unsent(run_id, now_utc())  # messages this batch handed back
             logger.info("run %s is %s: segment %d stops", run_id, current and current.state, segment)
@@ -180,7 +180,7 @@ def _follow_up(
                 Status.EXPIRED,
             ):
                 dead_end.setdefault(message.channel_index, []).append(message.recipient_id)
-    if run.strategy != "first-reachable":
+    if run.strategy != "first-reachable" or len(run.channels) < 2:  # no fallback to settle  # noqa: PLR2004
         return
     now = now_utc()
     by_channel: dict[str, list[str]] = {}
