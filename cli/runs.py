@@ -144,7 +144,14 @@ def _print_run(state: State, ledger: Ledger, run_id: str) -> None:
         runview.summary(run, counts)
 
 
+#: Segments a worker thread holds in reserve. Dramatiq's default (2 per thread) leaves more segments
+#: stranded in a killed worker for the heartbeat timeout; a segment is minutes of work, so 1 is plenty.
+PREFETCH_PER_THREAD = 1
+
+
 def worker(state: State, processes: int | None, threads: int, queues: tuple[str, ...]) -> None:
+    # Read by dramatiq.worker at import time: set before anything imports Dramatiq.
+    os.environ.setdefault("dramatiq_queue_prefetch", str(threads * PREFETCH_PER_THREAD))
     import dramatiq.cli
 
     from smartpush.queueing import queue_name
@@ -191,6 +198,12 @@ def status(state: State, ref: str, watch: bool) -> None:
         config = load_config(state.config)
         ledger = _ledger(config)
         run = _find(ledger, ref)
+        if config.settings.broker is not None and run.state is RunState.RUNNING:
+            engine = _engine(config)  # a look from `status` also requeues what dead workers left
+            try:
+                engine.sweep()
+            finally:
+                engine.close()
         if watch and run.state not in (RunState.FINISHED, RunState.CANCELLED):
             _follow(state, ledger, run.id)
             return

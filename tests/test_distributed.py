@@ -188,3 +188,65 @@ def test_kill_a_worker_mid_run(tmp_path: Path, database: str, redis_url: str) ->
             ledger.close()
         finally:
             workers.stop_all()
+
+
+def test_pause_resume_cancel_across_processes(tmp_path: Path, database: str, redis_url: str) -> None:
+    rows = 2000
+    with FakeProviderServer(delay_s=0.005) as server:
+        config = tmp_path / "smartpush.yaml"
+        config.write_text(
+            f"broker: {redis_url}\ndatabase: {database}\n"
+            f"providers:\n  sms:\n    type: webhook\n    base_url: {server.url}\n    sender: MAIRIE\n"
+            f"    rate: 200/s\n",
+            encoding="utf-8",
+        )
+        (tmp_path / "people.csv").write_text(
+            "id;phone\n" + "".join(f"{i};061{i:07d}\n" for i in range(rows)), encoding="utf-8"
+        )
+        (tmp_path / "c.yaml").write_text(
+            "name: info\ncategory: service\naudience: {source: people.csv, id: id}\nsegments: {size: 100}\n"
+            "channels:\n  - {channel: sms, provider: sms, body: Information test.}\n",
+            encoding="utf-8",
+        )
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [smartpush_exe(), *args, "--config", str(config)],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+
+        workers = Workers(config)
+        try:
+            workers.start()
+            launched = cli("send", "c.yaml", "--yes", "--detach", "--json")
+            assert launched.returncode == 0, launched.stderr
+            run_id = json.loads(launched.stdout)["run_id"]
+            ledger = Ledger(database)
+            wait_for(lambda: len(server.requests) >= 200, 30, "200 messages sent")
+
+            assert cli("pause", run_id).returncode == 0
+            time.sleep(1.5)  # in-flight sends finish; the pause reaches the worker within a second
+            frozen = len(server.requests)
+            time.sleep(2.0)
+            assert len(server.requests) == frozen < rows
+            status = json.loads(cli("status", run_id, "--json").stdout)
+            assert status["state"] == "paused"
+
+            assert cli("resume", run_id).returncode == 0
+            wait_for(lambda: len(server.requests) >= frozen + 200, 30, "sending to resume")
+            cancelled = cli("cancel", run_id)
+            assert cancelled.returncode == 0
+            time.sleep(2.0)
+            counts = {s.value: n for (_, s), n in ledger.counts(run_id).items()}
+            assert set(counts) == {"sent", "cancelled"}
+            assert counts["sent"] + counts["cancelled"] == rows  # nothing lost
+            assert counts["sent"] == len(server.accepted_per_key())
+            assert max(server.accepted_per_key().values()) == 1  # nothing sent twice
+            assert json.loads(cli("status", run_id, "--json").stdout)["state"] == "cancelled"
+            ledger.close()
+        finally:
+            workers.stop_all()
