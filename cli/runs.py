@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +26,7 @@ from .main import EXIT_INVALID, EXIT_PARTIAL
 
 if TYPE_CHECKING:
     from smartpush.engine import Engine
+    from smartpush.launch import Launch
 
     from .main import State
 
@@ -90,27 +93,39 @@ def send(
             if not sys.stdin.isatty():
                 raise click.UsageError("confirmation needed: add --yes to send without a terminal")
             runview.confirm(prepared, config)
-        engine = _engine(config)
-        embedded = config.settings.broker is None
-        worker = engine.worker(threads) if embedded else None
-        try:
+        with _sending(config, threads) as (engine, embedded):
             result = launch(engine.rt, prepared, enqueue=engine.enqueue, key=key)
             run = result.run
             if not result.created and not state.json:
                 output.err.print(f"A run with key {key!r} exists already: {run.id} ({run.state}).")
             if embedded and not result.created and run.state is RunState.RUNNING:
                 engine.recover(run.id)  # an earlier embedded send was interrupted: carry on from the ledger
-            if not state.json:
-                runview.launched(result)
-            if detach and not embedded:
-                _print_run(state, engine.rt.ledger, run.id)
-                return
-            counts = _follow(state, engine.rt.ledger, run.id, embedded=embedded)
-        finally:
-            if worker is not None:
-                worker.stop()
-            engine.close()
-        raise SystemExit(_exit_code(counts))
+            _after_launch(state, engine, result, embedded=embedded, detach=detach)
+
+
+@contextmanager
+def _sending(config: Config, threads: int = 4) -> Iterator[tuple[Engine, bool]]:
+    """The engine for a launching command, with worker threads in this process when embedded."""
+    engine = _engine(config)
+    embedded = config.settings.broker is None
+    worker = engine.worker(threads) if embedded else None
+    try:
+        yield engine, embedded
+    finally:
+        if worker is not None:
+            worker.stop()
+        engine.close()
+
+
+def _after_launch(state: State, engine: Engine, result: Launch, *, embedded: bool, detach: bool) -> None:
+    """Print the launch, then follow the run to its end (unless detached); exits with the run's code."""
+    if not state.json:
+        runview.launched(result)
+    if detach and not embedded:
+        _print_run(state, engine.rt.ledger, result.run.id)
+        return
+    counts = _follow(state, engine.rt.ledger, result.run.id, embedded=embedded)
+    raise SystemExit(_exit_code(counts))
 
 
 def _follow(
@@ -320,10 +335,7 @@ def resend(state: State, ref: str, statuses: tuple[str, ...], *, yes: bool, deta
         if any(s not in FINAL for s in wanted):
             raise click.BadParameter("only final statuses can be resent", param_hint="--status")
         config = load_config(state.config)
-        engine = _engine(config)
-        embedded = config.settings.broker is None
-        worker = engine.worker() if embedded else None
-        try:
+        with _sending(config) as (engine, embedded):
             ledger = engine.rt.ledger
             old = ledger.find_run(ref)
             prepared = load_campaign(Path(old.campaign_file), config)
@@ -337,17 +349,7 @@ def resend(state: State, ref: str, statuses: tuple[str, ...], *, yes: bool, deta
                     raise click.UsageError("confirmation needed: add --yes to send without a terminal")
                 click.confirm(f"Send {prepared.name} again to {len(chosen):,} recipient(s)?", abort=True)
             result = launch(engine.rt, prepared, enqueue=engine.enqueue, rows=chosen, parent_run_id=old.id)
-            if not state.json:
-                runview.launched(result)
-            if detach and not embedded:
-                _print_run(state, ledger, result.run.id)
-                return
-            counts = _follow(state, ledger, result.run.id, embedded=embedded)
-        finally:
-            if worker is not None:
-                worker.stop()
-            engine.close()
-        raise SystemExit(_exit_code(counts))
+            _after_launch(state, engine, result, embedded=embedded, detach=detach)
 
 
 def _recipients_to_resend(

@@ -115,23 +115,33 @@ def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-u
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def make_project(tmp_path: Path, rows: int, settings: str, account: str, campaign: str = "") -> Path:
+    """smartpush.yaml (``settings`` + one webhook SMS account), an audience of ``rows``, c.yaml."""
+    config = tmp_path / "smartpush.yaml"
+    config.write_text(
+        f"{settings}providers:\n  sms:\n    type: webhook\n    sender: MAIRIE\n    {account}\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "people.csv").write_text(
+        "id;phone\n" + "".join(f"{i};061{i:07d}\n" for i in range(rows)), encoding="utf-8"
+    )
+    (tmp_path / "c.yaml").write_text(
+        f"name: alerte\ncategory: service\n{campaign}audience: {{source: people.csv, id: id}}\n"
+        "segments: {size: 100}\nchannels:\n  - {channel: sms, provider: sms, body: Alerte test.}\n",
+        encoding="utf-8",
+    )
+    return config
+
+
 def test_kill_a_worker_mid_run(tmp_path: Path, database: str, redis_url: str) -> None:
     rows = 3000
     with FakeProviderServer(delay_s=0.02) as server:
-        config = tmp_path / "smartpush.yaml"
-        config.write_text(
-            f"broker: {redis_url}\ndatabase: {database}\nstuck_after: 3s\nsweep_every: 1s\n"
-            f"providers:\n  sms:\n    type: webhook\n    base_url: {server.url}\n    sender: MAIRIE\n"
-            f"    concurrency: 20\n",
-            encoding="utf-8",
-        )
-        (tmp_path / "people.csv").write_text(
-            "id;phone\n" + "".join(f"{i};061{i:07d}\n" for i in range(rows)), encoding="utf-8"
-        )
-        (tmp_path / "c.yaml").write_text(
-            "name: alerte\ncategory: service\npriority: urgent\naudience: {source: people.csv, id: id}\n"
-            "segments: {size: 100}\nchannels:\n  - {channel: sms, provider: sms, body: Alerte test.}\n",
-            encoding="utf-8",
+        config = make_project(
+            tmp_path,
+            rows,
+            f"broker: {redis_url}\ndatabase: {database}\nstuck_after: 3s\nsweep_every: 1s\n",
+            f"base_url: {server.url}\n    concurrency: 20",
+            "priority: urgent\n",
         )
         workers = Workers(config)
         try:
@@ -193,20 +203,11 @@ def test_kill_a_worker_mid_run(tmp_path: Path, database: str, redis_url: str) ->
 def test_pause_resume_cancel_across_processes(tmp_path: Path, database: str, redis_url: str) -> None:
     rows = 2000
     with FakeProviderServer(delay_s=0.005) as server:
-        config = tmp_path / "smartpush.yaml"
-        config.write_text(
-            f"broker: {redis_url}\ndatabase: {database}\n"
-            f"providers:\n  sms:\n    type: webhook\n    base_url: {server.url}\n    sender: MAIRIE\n"
-            f"    rate: 200/s\n",
-            encoding="utf-8",
-        )
-        (tmp_path / "people.csv").write_text(
-            "id;phone\n" + "".join(f"{i};061{i:07d}\n" for i in range(rows)), encoding="utf-8"
-        )
-        (tmp_path / "c.yaml").write_text(
-            "name: info\ncategory: service\naudience: {source: people.csv, id: id}\nsegments: {size: 100}\n"
-            "channels:\n  - {channel: sms, provider: sms, body: Information test.}\n",
-            encoding="utf-8",
+        config = make_project(
+            tmp_path,
+            rows,
+            f"broker: {redis_url}\ndatabase: {database}\n",
+            f"base_url: {server.url}\n    rate: 200/s",
         )
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
