@@ -18,7 +18,7 @@ from dramatiq.brokers.stub import StubBroker
 
 from .campaign import Priority
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, InfrastructureError
 
 __all__ = ["Dispatcher", "queue_name"]
 
@@ -41,6 +41,14 @@ def queue_name(priority: str) -> str:
     return f"smartpush-{priority}"
 
 
+def _unreachable(url: str, exc: BaseException) -> InfrastructureError:
+    where = url.split("@")[-1]  # never print a password from the URL
+    return InfrastructureError(
+        f"the broker {where} cannot be reached ({type(exc).__name__}); check that Redis runs and `broker:` "
+        "in smartpush.yaml (or SMARTPUSH_BROKER_URL)"
+    )
+
+
 def make_broker(config: Config) -> dramatiq.Broker:
     """The configured broker, set as Dramatiq's global broker."""
     url = config.settings.broker
@@ -49,6 +57,7 @@ def make_broker(config: Config) -> dramatiq.Broker:
         broker = StubBroker()
         broker.emit_after("process_boot")
     elif url.startswith(("redis://", "rediss://", "unix://")):
+        import redis
         from dramatiq.brokers.redis import RedisBroker
 
         broker = RedisBroker(  # type: ignore[no-untyped-call]
@@ -57,6 +66,10 @@ def make_broker(config: Config) -> dramatiq.Broker:
             heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
             maintenance_chance=MAINTENANCE_CHANCE,
         )
+        try:
+            broker.client.ping()
+        except redis.RedisError as exc:
+            raise _unreachable(url, exc) from None
     else:
         raise ConfigError(f"broker: '{url.split('://')[0]}://' is not supported; use redis://host:6379/0")
     dramatiq.set_broker(broker)
@@ -68,6 +81,7 @@ class Dispatcher:
 
     def __init__(self, config: Config, handler: Handler, broker: dramatiq.Broker | None = None) -> None:
         self.broker = broker or make_broker(config)
+        self.url = config.settings.broker or "(embedded)"
         self.actors: dict[str, dramatiq.Actor[Any, Any]] = {}
         for priority in Priority:
             name = f"send_segment_{priority.value}"
@@ -92,7 +106,14 @@ class Dispatcher:
 
     def enqueue(self, run_id: str, segment: int, priority: str, *, delay_ms: int | None = None) -> None:
         actor = self.actors[priority]
-        if delay_ms:
-            actor.send_with_options(args=(run_id, segment), delay=max(1, int(delay_ms)))
-        else:
-            actor.send(run_id, segment)
+        try:
+            if delay_ms:
+                actor.send_with_options(args=(run_id, segment), delay=max(1, int(delay_ms)))
+            else:
+                actor.send(run_id, segment)
+        except (dramatiq.errors.DramatiqError, OSError) as exc:
+            raise _unreachable(self.url, exc) from None
+        except Exception as exc:
+            if type(exc).__module__.startswith("redis"):  # redis-py errors are not OSError subclasses
+                raise _unreachable(self.url, exc) from None
+            raise

@@ -130,3 +130,17 @@ def test_failed_messages_exit_3_and_resend_reaches_them(tmp_path: Path, run_cli:
         assert second["parent_run_id"] == run["run_id"]
         assert second["recipients"] == 2 and second["counts"] == {"sent": 2}
         assert {r.json["to"] for r in server.requests[-2:]} == {"+33612345601", "+33612345602"}
+
+
+def test_unreachable_broker_or_database_exits_4(project: Path, run_cli: Run) -> None:
+    config = project / "smartpush.yaml"
+    base = config.read_text()
+    config.write_text(base + "broker: redis://:hunter2@127.0.0.1:1/0\n")
+    result = run_cli("send", CAMPAIGN, "--yes", cwd=project)
+    assert result.returncode == 4
+    assert "broker" in result.stderr and "Traceback" not in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout  # a password in the URL is never printed
+    config.write_text(base + "database: postgresql://postgres:hunter2@127.0.0.1:1/none\n")
+    result = run_cli("send", CAMPAIGN, "--yes", cwd=project)
+    assert result.returncode == 4
+    assert "ledger database" in result.stderr and "hunter2" not in result.stderr
