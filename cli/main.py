@@ -67,7 +67,11 @@ def cli(ctx: click.Context) -> None:
     """Send one message to many citizens by SMS, email and push, safely.
 
     Write a campaign (YAML and Jinja templates), check it with `validate`, look at real messages with
-    `preview`, see counts, costs and duration with `plan`. Start with `smartpush init DIR`.
+    `preview`, see counts, costs and duration with `plan`, then launch it with `send` and follow it
+    with `runs`, `status` and `report`. Start with `smartpush init DIR`.
+
+    Without `broker:` in smartpush.yaml everything runs in the `send` process (embedded); with
+    `broker: redis://…` run `smartpush worker` processes, on as many machines as you need.
 
     Exit codes: 0 ok, 1 invalid campaign or input, 2 usage error, 3 some messages failed,
     4 broker, database or provider unreachable, 130 interrupted.

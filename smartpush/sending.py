@@ -77,22 +77,21 @@ def process_segment(rt: Runtime, enqueue: Enqueue, run_id: str, segment: int) ->
     evaluator = rt.evaluator(run, prepared)
     campaign = prepared.campaign
     started = time.monotonic()
-    now = now_utc()
-    if _past_not_after(prepared, now):
-        ledger.expire(run_id, created_before=None, now=now, reason="the campaign's not_after has passed")
-        _finish(rt, run, now)
-        return outcome
     window = effective_window(campaign)
-    if window is not None:
-        opens = next_opening(window, now)
+    while time.monotonic() - started < SEGMENT_SLICE_S:
+        now = now_utc()
+        # Before every batch, not once a segment: a window that closes at 19:00 closes at 19:00.
+        if _past_not_after(prepared, now):
+            ledger.expire(run_id, created_before=None, now=now, reason="the campaign's not_after has passed")
+            _finish(rt, run, now)
+            return outcome
+        opens = next_opening(window, now) if window is not None else now
         if opens is None or opens > now:
             delay = int(((opens or now + timedelta(days=1)) - now).total_seconds() * 1000)
             logger.info("run %s segment %d waits %d s for its send window", run_id, segment, delay // 1000)
             enqueue(run_id, segment, delay)
             outcome.again_in_ms = delay
             return outcome
-    while time.monotonic() - started < SEGMENT_SLICE_S:
-        now = now_utc()
         due = ledger.due(run_id, segment, now, limit=BATCH_SIZE)
         if not due:
             break

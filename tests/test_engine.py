@@ -302,3 +302,29 @@ def test_resume_after_a_split_that_died(
     h.wait(run.id)
     assert h.statuses(run.id)["sms"] == {"sent": 5000}
     assert len(server.requests_per_key()) == 5000
+
+
+def test_nothing_leaves_outside_the_send_window(
+    tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
+) -> None:
+    from zoneinfo import ZoneInfo
+
+    from smartpush.sending import process_segment
+
+    hour = datetime.now(ZoneInfo("Europe/Paris")).hour
+    closed = "13:00-14:00" if hour < 12 or hour > 14 else "02:00-03:00"
+    campaign = make_project(tmp_path, server, rows=3)
+    campaign.write_text(
+        campaign.read_text() + f'schedule:\n  window: {{days: mon-sun, hours: "{closed}"}}\n',
+        encoding="utf-8",
+    )
+    h = start(harness_factory, campaign)
+    h.worker.stop()
+    run_id = launch(h.engine.rt, h.prepared, enqueue=lambda run, seg: None).run.id
+    later: list[int | None] = []
+    outcome = process_segment(h.engine.rt, lambda run, seg, delay: later.append(delay), run_id, 0)
+    assert server.requests == []
+    assert h.statuses(run_id)["sms"] == {"created": 3}
+    assert later and later[0] is not None and 0 < later[0] <= 24 * 3600 * 1000
+    assert outcome.again_in_ms == later[0]
+    h.worker = h.engine.worker(1)
