@@ -270,7 +270,9 @@ async def _send_one(
 ) -> Result:
     channel = prepared.channels[message.channel_index]
     account = message.provider
-    unsubscribe = _unsubscribe_url(rt, prepared, message)
+    # Two HMACs a message: only for emails (List-Unsubscribe) and templates that show the link.
+    needed = channel.channel is Channel.EMAIL or channel.index in evaluator.with_unsubscribe
+    unsubscribe = _unsubscribe_url(rt, prepared, message) if needed else None
     try:
         rendered = evaluator.render(
             channel, message.context or {}, message.recipient_id, unsubscribe_url=unsubscribe
