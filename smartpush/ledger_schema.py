@@ -198,7 +198,9 @@ def make_engine(url: str) -> tuple[Engine, bool]:
     parsed = make_url(url)
     backend = parsed.drivername.partition("+")[0]
     if backend in ("postgres", "postgresql"):
-        return create_engine(parsed.set(drivername="postgresql+psycopg"), pool_pre_ping=True), False
+        return create_engine(
+            parsed.set(drivername="postgresql+psycopg"), pool_pre_ping=True, hide_parameters=True
+        ), False
     if backend != "sqlite":
         raise ConfigError(
             f"the database URL scheme '{parsed.drivername}' is not supported: use sqlite:///FILE.db "
@@ -207,12 +209,15 @@ def make_engine(url: str) -> tuple[Engine, bool]:
     parsed = parsed.set(drivername="sqlite+pysqlite")
     memory = parsed.database in (None, "", ":memory:")
     if memory:
-        engine = create_engine(parsed, poolclass=StaticPool, connect_args={"check_same_thread": False})
+        engine = create_engine(
+            parsed, poolclass=StaticPool, connect_args={"check_same_thread": False}, hide_parameters=True
+        )
     else:
         path = Path(parsed.database or "").expanduser().resolve()  # relative to the cwd of now, not later
         engine = create_engine(
             parsed.set(database=str(path)),
             connect_args={"timeout": _BUSY_TIMEOUT_S, "check_same_thread": False},
+            hide_parameters=True,  # SQL errors must never print addresses into logs
         )
     event.listen(engine, "connect", _sqlite_connect)
     event.listen(engine, "begin", _sqlite_begin)

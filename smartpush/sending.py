@@ -340,7 +340,14 @@ async def _send_one(
             message.id, Status.TECHNICAL_FAILURE, provider=account, error_code=exc.code, error_text=exc.detail
         )
     except Exception as exc:  # a driver bug must not lose the message: it is recorded, not re-raised
-        logger.exception("run %s message %s: driver %s failed", message.run_id, message.id, account)
+        # The type only: a driver's exception text may quote the request (an address, a body).
+        logger.error(
+            "run %s message %s: driver %s failed with %s",
+            message.run_id,
+            message.id,
+            account,
+            type(exc).__name__,
+        )
         return Result(
             message.id,
             Status.TECHNICAL_FAILURE,
