@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any, ClassVar
 
+from smartpush.email import as_bytes, build_email
 from smartpush.provider import (
     Channel,
     OutboundMessage,
@@ -47,7 +45,7 @@ class OutboxProvider(Provider):
     async def send(self, message: OutboundMessage) -> SendResult:
         folder = self.root / message.run_id / message.channel.value
         if message.channel is Channel.EMAIL:
-            path, payload = folder / f"{message.message_id}.eml", build_email(message)
+            path, payload = folder / f"{message.message_id}.eml", as_bytes(build_email(message))
         else:
             record: dict[str, Any] = {"to": message.to, "body": message.body}
             if message.channel is Channel.PUSH:
@@ -58,27 +56,6 @@ class OutboxProvider(Provider):
             payload = json.dumps(record, ensure_ascii=False, indent=2).encode()
         await asyncio.to_thread(_write, path, payload)
         return SendResult(provider_reference=f"outbox:{message.message_id}")
-
-
-#: RFC 5322 allows 998-character lines: long enough that List-Unsubscribe's URL is never folded into
-#: encoded words, which mail clients would not recognise as a link.
-_POLICY = SMTP.clone(max_line_length=998)
-
-
-def build_email(message: OutboundMessage) -> bytes:
-    """The RFC 5322 bytes of an email message: text, or text + HTML as multipart/alternative."""
-    msg = EmailMessage(policy=_POLICY)
-    msg["From"] = message.sender or ""
-    msg["To"] = message.to
-    msg["Subject"] = message.subject or ""
-    msg["Date"] = formatdate(localtime=False)
-    msg["Message-ID"] = make_msgid(idstring=message.message_id)
-    for name, value in message.headers.items():
-        msg[name] = value
-    msg.set_content(message.body or "")
-    if message.html:
-        msg.add_alternative(message.html, subtype="html")
-    return msg.as_bytes()
 
 
 def _write(path: Path, payload: bytes) -> None:

@@ -1,0 +1,243 @@
+"""``vonage``: SMS through the Vonage (ex-Nexmo) SMS API.
+
+One form-encoded request per message (Vonage accepts one message per request)::
+
+    POST {base_url or https://rest.nexmo.com}/sms/json
+    api_key=...&api_secret=...&from=ASSURANCE&to=33612345678&text=...&client-ref=<message id>
+    [&type=unicode][&callback=https://...]
+
+``to`` (and a numeric ``from``) are E.164 without the ``+``. ``type=unicode`` is sent when the text is
+not GSM-7 (:func:`smartpush.sms.is_gsm7`), otherwise Vonage's default ``text`` applies::
+
+    providers:
+      vonage:
+        type: vonage
+        api_key: abcd1234
+        api_secret: ${VONAGE_API_SECRET}
+        sender: ASSURANCE
+        callback: https://hooks.example.org/vonage/dlr
+
+The body is sent as the engine rendered it. The engine has already appended the account's
+``stop_mention`` to ``marketing`` SMS before the driver sees the body: this driver never appends it again.
+
+The answer is ``{"message-count": "n", "messages": [{"status": "0", "message-id": ...}, ...]}``, one
+entry per SMS part. Every part at status ``"0"``: accepted, the reference is the first part's
+``message-id``. Otherwise the first non-zero status decides (:data:`STATUSES`). Vonage's ``error-text``
+is never repeated. A non-2xx HTTP answer follows :func:`smartpush.http.classify_status`.
+
+:func:`parse_receipt` reads a delivery receipt (``messageId``, ``status``, ``err-code``) into a
+:class:`~smartpush.providers.twilio.Receipt`; the HTTP endpoint that receives them lives elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+from pydantic import SecretStr, field_validator, model_validator
+
+from smartpush.errors import PermanentError, ProviderError, TechnicalError, ThrottledError, TransientError
+from smartpush.http import HttpResponse, HttpTransport, classify_status, retry_after
+from smartpush.provider import (
+    Channel,
+    HttpSmsProviderOptions,
+    OutboundMessage,
+    Provider,
+    ProviderOptions,
+    SendResult,
+)
+from smartpush.sms import is_gsm7
+
+from .twilio import Receipt, ReceiptStatus
+
+__all__ = ["DEFAULT_BASE_URL", "STATUSES", "VonageOptions", "VonageProvider", "parse_receipt"]
+
+DEFAULT_BASE_URL = "https://rest.nexmo.com"
+#: The status of an accepted message part.
+_ACCEPTED = "0"
+
+_Kind = Literal["throttled", "transient", "permanent", "suppress", "technical"]
+
+#: SMS API ``status`` -> (what it means for us, a text without any address), from Vonage's API errors
+#: page. 9 (no credit) and 8 (account suspended) stop every message alike: technical, so the run pauses.
+STATUSES: Mapping[str, tuple[_Kind, str]] = {
+    "1": ("throttled", "Vonage throttled the request: the account's rate limit was exceeded"),
+    "2": ("technical", "a required parameter is missing (from, to, api_key, api_secret or text)"),
+    "3": ("technical", "a parameter value is invalid"),
+    "4": ("technical", "Vonage refused the credentials: check api_key and api_secret"),
+    "5": ("transient", "Vonage had an internal error"),
+    "6": ("permanent", "Vonage could not process the message (e.g. an unrecognised number prefix)"),
+    "7": ("suppress", "the number is barred from receiving messages"),
+    "8": ("technical", "the Vonage account is suspended"),
+    "9": ("technical", "the Vonage account has no credit left (quota violation): top it up"),
+    "10": ("transient", "too many simultaneous connections to Vonage"),
+    "11": ("technical", "the account is not enabled for the HTTP SMS API"),
+    "12": ("permanent", "the message is longer than Vonage allows"),
+    "14": ("technical", "the request signature could not be verified"),
+    "15": ("technical", "the sender is not allowed: check sender"),
+    "22": ("technical", "the network code is invalid or does not match the destination"),
+    "23": ("technical", "the callback URL is invalid: check callback"),
+    "29": ("technical", "the destination is not whitelisted for this (demo) account"),
+    "32": ("technical", "signature and api_secret may not be used together"),
+    "33": ("suppress", "the number is deactivated"),
+}
+
+
+def error_for(status: str, retry_after_s: float | None = None) -> ProviderError:
+    """The provider error a non-zero SMS API ``status`` stands for."""
+    known = STATUSES.get(status)
+    if known is None:
+        return TechnicalError(f"Vonage answered status {status}", code=status)
+    kind, text = known
+    if kind == "throttled":
+        return ThrottledError(text, code=status, retry_after_s=retry_after_s)
+    if kind == "transient":
+        return TransientError(text, code=status, retry_after_s=retry_after_s)
+    if kind in ("permanent", "suppress"):
+        return PermanentError(text, code=status, suppress=kind == "suppress")
+    return TechnicalError(text, code=status)
+
+
+class VonageOptions(HttpSmsProviderOptions):
+    """A ``vonage`` account: the API key and secret, who sends, where receipts go."""
+
+    api_key: str
+    api_secret: SecretStr
+    #: Where Vonage sends delivery receipts for these messages (else the account's default).
+    callback: str | None = None
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, value: str) -> str:
+        if not value.strip() or any(c.isspace() for c in value):
+            raise ValueError("api_key is the key shown in the Vonage dashboard, without spaces")
+        return value
+
+    @field_validator("callback")
+    @classmethod
+    def _callback(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("callback must be an http(s) URL, e.g. https://hooks.example.org/vonage/dlr")
+        return value
+
+    @model_validator(mode="after")
+    def _sender_given(self) -> VonageOptions:
+        if self.sender is None:
+            raise ValueError("give a sender: Vonage needs a 'from' for every message")
+        return self
+
+
+class VonageProvider(Provider):
+    """Sends SMS through the Vonage SMS API; see the module docstring."""
+
+    channels: ClassVar[frozenset[Channel]] = frozenset({Channel.SMS})
+    Options: ClassVar[type[ProviderOptions]] = VonageOptions
+
+    def __init__(self, account: str, options: ProviderOptions, **context: Any) -> None:
+        super().__init__(account, options, **context)
+        if not isinstance(options, VonageOptions):
+            raise TypeError("VonageProvider needs VonageOptions")
+        self.settings = options
+        self.url = (options.base_url or DEFAULT_BASE_URL).rstrip("/") + "/sms/json"
+        # Made on the first send: the instance is built per worker process before any loop runs.
+        self._transport: HttpTransport | None = None
+
+    def _client(self) -> HttpTransport:
+        if self._transport is None:
+            opts = self.settings
+            self._transport = HttpTransport(limit=opts.concurrency, timeout_s=opts.timeout.total_seconds())
+        return self._transport
+
+    def form(self, message: OutboundMessage) -> dict[str, str]:
+        """The form fields sent for ``message`` (credentials included)."""
+        opts = self.settings
+        sender = message.sender or opts.sender
+        if sender is None:
+            raise TechnicalError("the account has no sender: set sender in smartpush.yaml", code="no-sender")
+        fields = {
+            "api_key": opts.api_key,
+            "api_secret": opts.api_secret.get_secret_value(),
+            "from": sender.removeprefix("+"),
+            "to": message.to.removeprefix("+"),
+            "text": message.body,
+            "client-ref": message.message_id,
+        }
+        if not is_gsm7(message.body):
+            fields["type"] = "unicode"
+        if opts.callback is not None:
+            fields["callback"] = opts.callback
+        return fields
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        response = await self._client().request(
+            "POST", self.url, data=self.form(message), headers={"Accept": "application/json"}
+        )
+        if not 200 <= response.status < 300:  # noqa: PLR2004 - the 2xx range
+            error = classify_status(
+                response.status,
+                retry_after_s=retry_after(response.headers),
+                detail=f"Vonage answered HTTP {response.status}",
+            )
+            raise error or TechnicalError(
+                f"Vonage answered HTTP {response.status}", code=str(response.status)
+            )
+        return _result(response)
+
+    async def close(self) -> None:
+        if self._transport is not None:
+            await self._transport.close()
+
+
+def _result(response: HttpResponse) -> SendResult:
+    document = response.json()
+    parts = document.get("messages") if isinstance(document, dict) else None
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
+        raise TechnicalError("Vonage answered without a 'messages' list", code="invalid-answer")
+    for part in parts:
+        status = str(part.get("status", ""))
+        if status != _ACCEPTED:
+            raise error_for(status, retry_after(response.headers))
+    reference = parts[0].get("message-id")
+    return SendResult(provider_reference=str(reference) if reference is not None else None, parts=len(parts))
+
+
+# -- delivery receipts --------------------------------------------------------------------------------
+
+#: DLR ``status`` -> our receipt status; ``unknown`` (and anything new) gives no receipt.
+_STATUSES: Mapping[str, ReceiptStatus] = {
+    "delivered": "delivered",
+    "accepted": "sent",
+    "buffered": "sent",
+    "expired": "temporary-failure",
+    "failed": "permanent-failure",
+    "rejected": "permanent-failure",
+}
+
+
+def parse_receipt(form_or_json: Mapping[str, Any]) -> Receipt | None:
+    """The receipt a Vonage DLR carries (query, form or JSON alike); ``None`` when it has none.
+
+    ``err-code`` ``0`` means no error and is dropped. Vonage sends one DLR per SMS part, each with its
+    part's ``messageId``.
+    """
+    reference = _field(form_or_json, "messageId")
+    status = (_field(form_or_json, "status") or "").lower()
+    mapped = _STATUSES.get(status)
+    if not reference or mapped is None:
+        return None
+    code = _field(form_or_json, "err-code")
+    if code in (None, "", "0"):
+        code = None
+    text = (
+        f"Vonage DLR {status}" + (f", error {code}" if code else "") if mapped.endswith("failure") else None
+    )
+    return Receipt(reference, mapped, code, text)
+
+
+def _field(values: Mapping[str, Any], name: str) -> str | None:
+    value = values.get(name)
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value.strip() if isinstance(value, str) else None
