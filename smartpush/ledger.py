@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -49,6 +49,7 @@ from .ledger_schema import WRITE, UTCDateTime, make_engine, upgrade
 from .ledger_schema import messages as messages_t
 from .ledger_schema import recipients as recipients_t
 from .ledger_schema import runs as runs_t
+from .ledger_schema import suppressions as suppressions_t
 
 __all__ = [
     "FAILED",
@@ -61,6 +62,7 @@ __all__ = [
     "RunRecord",
     "RunState",
     "Status",
+    "Suppression",
 ]
 
 
@@ -176,6 +178,17 @@ class MessageRecord:
     context: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class Suppression:
+    """One entry of the suppression list: a keyed hash of an address, never the address itself."""
+
+    channel: str
+    address_hash: str
+    reason: str  # opt-out, hard-bounce, complaint, unregistered, manual
+    source: str
+    created_at: datetime
+
+
 @dataclass
 class Result:
     """What happened to one claimed (``sending``) message.
@@ -192,6 +205,8 @@ class Result:
     error_code: str | None = None
     error_text: str | None = None
     next_attempt_at: datetime | None = None
+    #: The provider says the address is dead: put it on the suppression list (not a ledger column).
+    suppress: bool = False
 
 
 T = TypeVar("T")
@@ -909,6 +924,35 @@ class Ledger:
             )
             stmt = stmt.where(match)
         return list(conn.execute(stmt).scalars())
+
+    # Suppression list ----------------------------------------------------------------------------
+    def suppress(self, entries: Sequence[Suppression]) -> int:
+        """Add entries to the suppression list; an address already there keeps its first entry."""
+        rows = [
+            {
+                "channel": e.channel,
+                "address_hash": e.address_hash,
+                "reason": e.reason,
+                "source": e.source,
+                "created_at": e.created_at,
+            }
+            for e in entries
+        ]
+        if not rows:
+            return 0
+        with self._tx() as conn:
+            return int(conn.execute(self._insert_ignore(suppressions_t), rows).rowcount or 0)
+
+    def suppressed(self, channel: str, address_hashes: Collection[str]) -> set[str]:
+        """Which of these keyed address hashes are on the channel's suppression list."""
+        found: set[str] = set()
+        for chunk in _chunks(sorted(set(address_hashes))):
+            stmt = select(suppressions_t.c.address_hash).where(
+                suppressions_t.c.channel == channel, suppressions_t.c.address_hash.in_(chunk)
+            )
+            with self._tx(write=False) as conn:
+                found.update(conn.execute(stmt).scalars())
+        return found
 
 
 def _chunks(items: Sequence[T], size: int = _IN_CHUNK) -> Iterator[Sequence[T]]:

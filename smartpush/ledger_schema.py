@@ -54,6 +54,7 @@ __all__ = [
     "recipients",
     "runs",
     "schema_version",
+    "suppressions",
     "upgrade",
 ]
 
@@ -101,6 +102,17 @@ metadata = MetaData(
 )
 
 schema_version = Table("schema_version", metadata, Column("version", Integer, nullable=False))
+
+#: The opt-out list (SPEC "Suppression"): a keyed hash per channel and address, never the address.
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("channel", String, primary_key=True),
+    Column("address_hash", String, primary_key=True),
+    Column("reason", String, nullable=False),  # opt-out, hard-bounce, complaint, unregistered, manual
+    Column("source", String, nullable=False),  # a provider account, `serve`, an operator
+    Column("created_at", UTCDateTime, nullable=False),
+)
 
 runs = Table(
     "runs",
@@ -252,8 +264,12 @@ def _create_v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[runs, recipients, messages], checkfirst=True)
 
 
+def _create_v2(conn: Connection) -> None:
+    suppressions.create(conn, checkfirst=True)
+
+
 #: ``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``.
-MIGRATIONS: list[Callable[[Connection], None]] = [_create_v1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_create_v1, _create_v2]
 
 
 def current_version() -> int:

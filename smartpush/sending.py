@@ -24,7 +24,7 @@ from .errors import (
     ThrottledError,
     TransientError,
 )
-from .ledger import MessageRecord, Result, RunRecord, RunState, Status
+from .ledger import MessageRecord, Result, RunRecord, RunState, Status, Suppression
 from .loading import PreparedCampaign, PreparedChannel
 from .provider import Channel, OutboundMessage
 from .recipients import Evaluator
@@ -117,6 +117,7 @@ def process_segment(rt: Runtime, enqueue: Enqueue, run_id: str, segment: int) ->
             _follow_up(rt, run, late, expired, outcome)
         results = rt.run(_send_all(rt, prepared, evaluator, batch)) if batch else []
         ledger.record(results, now_utc())
+        _suppress_dead_addresses(rt, batch, results)
         _follow_up(rt, run, batch, results, outcome)
         if not rt.sending_allowed(run_id):  # cached: at most one read of the run per RUN_STATE_TTL_S
             current = ledger.get_run(run_id)
@@ -135,6 +136,29 @@ def process_segment(rt: Runtime, enqueue: Enqueue, run_id: str, segment: int) ->
         outcome.again_in_ms = delay
     _finish(rt, run, now_utc())
     return outcome
+
+
+#: The suppression reason for an address a provider reports dead, by channel (SPEC "Suppression").
+_DEAD_REASON = {"push": "unregistered", "email": "hard-bounce", "sms": "hard-bounce"}
+
+
+def _suppress_dead_addresses(rt: Runtime, batch: list[MessageRecord], results: list[Result]) -> None:
+    """Unregistered tokens, hard bounces and dead numbers go on the channel's suppression list."""
+    key = rt.config.secret_key()
+    now = now_utc()
+    entries = [
+        Suppression(
+            m.channel,
+            recipient_hash(key, m.channel, m.address),
+            _DEAD_REASON.get(m.channel, "hard-bounce"),
+            r.provider or m.provider,
+            now,
+        )
+        for m, r in zip(batch, results, strict=True)
+        if r.suppress and m.address
+    ]
+    if entries:
+        rt.ledger.suppress(entries)
 
 
 def _past_not_after(prepared: PreparedCampaign, now: datetime) -> bool:
@@ -326,7 +350,12 @@ async def _send_one(
         )
     except PermanentError as exc:
         return Result(
-            message.id, Status.PERMANENT_FAILURE, provider=account, error_code=exc.code, error_text=exc.detail
+            message.id,
+            Status.PERMANENT_FAILURE,
+            provider=account,
+            error_code=exc.code,
+            error_text=exc.detail,
+            suppress=exc.suppress,
         )
     except (TechnicalError, ProviderError) as exc:
         logger.error(

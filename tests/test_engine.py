@@ -328,3 +328,33 @@ def test_nothing_leaves_outside_the_send_window(
     assert later and later[0] is not None and 0 < later[0] <= 24 * 3600 * 1000
     assert outcome.again_in_ms == later[0]
     h.worker = h.engine.worker(1)
+
+
+def test_dead_addresses_go_on_the_suppression_list(
+    tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
+) -> None:
+    from smartpush.unsubscribe import recipient_hash
+
+    campaign = make_project(tmp_path, server, rows=4)
+    config = tmp_path / "smartpush.yaml"
+    config.write_text(
+        config.read_text().replace(
+            "sender: MAIRIE", "sender: MAIRIE\n    unregistered_codes: [UNREGISTERED]", 1
+        )
+    )
+
+    def answer(request: object) -> Reply:
+        body = getattr(request, "json", {}) or {}
+        if body.get("to", "").endswith("02"):
+            return Reply(404, json={"error": {"code": "UNREGISTERED"}})
+        return Reply(200)
+
+    server.responder = answer
+    h = start(harness_factory, campaign)
+    run_id = h.launch()
+    h.wait(run_id)
+    key = h.config.secret_key()
+    dead = recipient_hash(key, "sms", "+33612345602")
+    alive = recipient_hash(key, "sms", "+33612345601")
+    assert h.ledger.suppressed("sms", {dead, alive}) == {dead}
+    assert h.statuses(run_id)["sms"] == {"sent": 3, "permanent-failure": 1}
