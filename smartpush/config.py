@@ -38,6 +38,17 @@ providers:
 """
 
 
+class Failover(BaseModel):
+    """When an account counts as failing: ``errors`` provider-side failures within ``within``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    errors: int = Field(default=50, ge=1)
+    within: Duration = Field(default="60s", validate_default=True)
+    #: How long a failing account is skipped before it is tried again.
+    cooldown: Duration = Field(default="5min", validate_default=True)
+
+
 class Settings(BaseModel):
     """The top level of ``smartpush.yaml`` (provider accounts are checked against their driver)."""
 
@@ -59,6 +70,7 @@ class Settings(BaseModel):
     stuck_after: Duration = Field(default="5min", validate_default=True)
     #: How often each worker looks for stuck messages and lost segments.
     sweep_every: Duration = Field(default="30s", validate_default=True)
+    failover: Failover = Field(default_factory=lambda: Failover())
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("region")

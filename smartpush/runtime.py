@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from . import registry
 from .config import Config, load_config
+from .failover import Breaker
 from .ledger import Ledger, RunRecord, RunState
 from .loading import PreparedCampaign, load_campaign
 from .provider import Provider
@@ -71,6 +72,14 @@ class Runtime:
         self._run_states: dict[str, tuple[float, bool]] = {}
         self._loop: _LoopThread | None = None
         self._key = config.secret_key()
+        failover = config.settings.failover
+        broker = config.settings.broker
+        self.breaker = Breaker(
+            failover.errors,
+            failover.within.total_seconds(),
+            failover.cooldown.total_seconds(),
+            broker if broker is not None and broker.startswith(("redis://", "rediss://")) else None,
+        )
 
     @classmethod
     def from_config_file(cls, path: str | None) -> Runtime:

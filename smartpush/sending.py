@@ -24,6 +24,7 @@ from .errors import (
     ThrottledError,
     TransientError,
 )
+from .failover import choose_account
 from .ledger import MessageRecord, Result, RunRecord, RunState, Status, Suppression
 from .loading import PreparedCampaign, PreparedChannel
 from .provider import Channel, OutboundMessage
@@ -40,6 +41,8 @@ logger = logging.getLogger("smartpush.sending")
 BATCH_SIZE = 200
 #: A segment yields its worker thread after this long and re-enqueues itself for the rest.
 SEGMENT_SLICE_S = 30.0
+#: How long a message waits when every account of its channel is cooling down (failover breaker open).
+ALL_OPEN_WAIT = timedelta(seconds=10)
 #: How long a throttled message waits when the provider gives no Retry-After.
 DEFAULT_THROTTLE_WAIT_S = 1.0
 
@@ -293,7 +296,12 @@ async def _send_one(
     rt: Runtime, prepared: PreparedCampaign, evaluator: Evaluator, message: MessageRecord
 ) -> Result:
     channel = prepared.channels[message.channel_index]
-    account = message.provider
+    failed_before = message.attempts > 0 and message.error_code is not None
+    chosen = choose_account(rt.breaker, channel.providers, message.provider, failed_before)
+    if chosen is None:  # every account of the channel is cooling down: wait without spending an attempt
+        return Result(message.id, Status.CREATED, attempted=False, next_attempt_at=now_utc() + ALL_OPEN_WAIT)
+    account = chosen
+    alternatives = len(channel.providers) > 1
     # Two HMACs a message: only for emails (List-Unsubscribe) and templates that show the link.
     needed = channel.channel is Channel.EMAIL or channel.index in evaluator.with_unsubscribe
     unsubscribe = _unsubscribe_url(rt, prepared, message) if needed else None
@@ -331,6 +339,7 @@ async def _send_one(
             next_attempt_at=now_utc() + timedelta(seconds=wait),
         )
     except TransientError as exc:
+        rt.breaker.failed(account)
         attempt = message.attempts + 1
         if attempt >= retry.max_attempts:
             return Result(
@@ -346,7 +355,9 @@ async def _send_one(
             provider=account,
             error_code=exc.code,
             error_text=exc.detail,
-            next_attempt_at=now_utc() + backoff(retry, attempt, exc.retry_after_s),
+            # With another account to try, fail over at once; else back off before the same one.
+            next_attempt_at=now_utc()
+            + (timedelta(0) if alternatives else backoff(retry, attempt, exc.retry_after_s)),
         )
     except PermanentError as exc:
         return Result(
@@ -358,6 +369,18 @@ async def _send_one(
             suppress=exc.suppress,
         )
     except (TechnicalError, ProviderError) as exc:
+        rt.breaker.failed(account)
+        if (
+            alternatives and message.attempts + 1 < retry.max_attempts
+        ):  # our side with this account: try the next
+            return Result(
+                message.id,
+                Status.CREATED,
+                provider=account,
+                error_code=exc.code,
+                error_text=exc.detail,
+                next_attempt_at=now_utc(),
+            )
         logger.error(
             "run %s message %s: provider %s refused the request: %s",
             message.run_id,
