@@ -121,11 +121,27 @@ def _after_launch(state: State, engine: Engine, result: Launch, *, embedded: boo
     """Print the launch, then follow the run to its end (unless detached); exits with the run's code."""
     if not state.json:
         runview.launched(result)
+        _window_note(engine, result.run)
     if detach and not embedded:
         _print_run(state, engine.rt.ledger, result.run.id)
         return
     counts = _follow(state, engine.rt.ledger, result.run.id, embedded=embedded)
     raise SystemExit(_exit_code(counts))
+
+
+def _window_note(engine: Engine, run: RunRecord) -> None:
+    """Say so when the campaign's send window is closed: the run will wait, not hang for no reason."""
+    from smartpush.windows import effective_window, next_opening
+
+    window = effective_window(engine.rt.campaign(run).campaign)
+    now = datetime.now(UTC)
+    opens = next_opening(window, now) if window is not None else now
+    if opens is None or opens > now:
+        when = opens.astimezone().strftime("%A %d %B %H:%M") if opens else "never (check schedule.window)"
+        output.err.print(
+            f"Outside the campaign's send window: messages wait until {when}. Ctrl-C stops this command; "
+            f"`smartpush resume {run.id}` continues the run later."
+        )
 
 
 def _follow(

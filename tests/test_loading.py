@@ -94,7 +94,12 @@ def test_wrong_types_all_reported_at_once(demo: Path) -> None:
 
 def test_bad_duration_and_window(demo: Path) -> None:
     edit(demo, "expire_after: 24h", "expire_after: 24 heures")
-    edit(demo, 'hours: "09:00-19:00"', 'hours: "19:00-09:00"')
+    edit(demo, "# schedule: ", "schedule:   ")
+    edit(
+        demo,
+        '#   window: {days: mon-fri, hours: "09:00-19:00"',
+        '  window: {days: mon-fri, hours: "19:00-09:00"',
+    )
     by_field = {p.field: p.message for p in problems(demo)}
     assert "not a duration" in by_field["retry.expire_after"]
     assert "ends before it starts" in by_field["schedule.window.hours"]
