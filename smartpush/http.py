@@ -130,12 +130,14 @@ class HttpTransport:
         *,
         json: Any = None,
         data: Mapping[str, str] | None = None,
+        content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         auth: tuple[str, str] | None = None,
     ) -> HttpResponse:
         """Send one request and read the whole answer.
 
-        ``json`` is sent as compact UTF-8 JSON, ``data`` as a form; ``auth`` is HTTP Basic (UTF-8). Raises
+        ``json`` is sent as compact UTF-8 JSON, ``data`` as a form, ``content`` as raw bytes (set its
+        Content-Type in ``headers``); ``auth`` is HTTP Basic (UTF-8). Raises
         :class:`TransientError` (``timeout``, ``connection``, ``dns``), :class:`TechnicalError`
         (``tls``, ``invalid-url``, ``request``...) and never includes the request body in a message.
         """
@@ -154,6 +156,8 @@ class HttpTransport:
             send_headers.setdefault("Content-Type", "application/json")
         elif data is not None:
             body = aiohttp.FormData(dict(data))
+        elif content is not None:
+            body = content
         if auth is not None:
             if any(name.lower() == "authorization" for name in send_headers):
                 raise TechnicalError("give either auth or an Authorization header, not both", code="request")
