@@ -154,3 +154,27 @@ def test_daily_quota_stretches_the_duration(tmp_path: Path) -> None:
 def test_segments(tmp_path: Path, size: int, segments: int) -> None:
     plan = plan_of(project(tmp_path, ROWS, campaign_extra=f"segments:\n  size: {size}\n"))
     assert plan.segments == segments
+
+
+def test_stop_mention_is_added_to_marketing_sms_only_and_counted(tmp_path: Path) -> None:
+    from smartpush.recipients import Evaluator
+
+    rows = "1;Jean;70;0612345678;\n"
+    body = "x" * 150  # 150 + "\nSTOP 36111" = 161 septets: two parts
+    for category, parts, ends in (("marketing", 2, True), ("information", 1, False)):
+        root = tmp_path / category
+        root.mkdir()
+        path = project(root, rows, campaign_extra=f"category: {category}\n", sms_body=body)
+        cfg = root / "smartpush.yaml"
+        cfg.write_text(
+            cfg.read_text().replace(
+                "    sender: AMELI\n", "    sender: AMELI\n    stop_mention: STOP 36111\n"
+            )
+        )
+        prepared = load_campaign(path, load_config(cfg, env={}))
+        (outcome,) = list(Evaluator(prepared))
+        sms = outcome.channels[0].rendered.sms  # type: ignore[union-attr]
+        assert sms is not None
+        assert sms.text.endswith("\nSTOP 36111") is ends
+        assert sms.parts == parts
+        assert plan_of(path).channels[0].sms_parts == parts
