@@ -362,7 +362,7 @@ class ProviderToken:
         )
         self._issued_at = now
         self.generated += 1
-        log.info("new APNs provider token for key %s", self._key_id)
+        log.info("new APNs provider JWT for key id %s", self._key_id)
         return self._token
 
 

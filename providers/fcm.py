@@ -427,7 +427,7 @@ class FcmProvider(Provider):
         response = await self._post(body, token)
         if response.status == HTTPStatus.UNAUTHORIZED and _details(response)[0] is None:
             # the access token was refused (revoked, clock skew): one fresh token, one more try
-            log.info("account %s: FCM refused the access token; fetching a new one", self.account)
+            log.info("account %s: FCM refused the OAuth credential; fetching a new one", self.account)
             self.tokens.invalidate(token)
             response = await self._post(body, await self.tokens.get())
         if 200 <= response.status < 300:  # noqa: PLR2004 - the 2xx range
