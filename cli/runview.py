@@ -84,9 +84,21 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def pace(run: RunRecord, total: int, final: int) -> tuple[float | None, int | None]:
+    """Messages made final per second since the run started, and the seconds left at that pace."""
+    if run.started_at is None or run.state is not RunState.RUNNING:
+        return None, None
+    elapsed = (datetime.now(UTC) - run.started_at).total_seconds()
+    if elapsed <= 0 or final == 0:
+        return None, None
+    rate = final / elapsed
+    return rate, int((total - final) / rate)
+
+
 def run_dict(run: RunRecord, counts: dict[tuple[str, Status], int]) -> dict[str, Any]:
     total = sum(counts.values())
     final = sum(n for (_, s), n in counts.items() if s in FINAL)
+    rate, eta = pace(run, total, final)
     return {
         "run_id": run.id,
         "campaign": run.campaign,
@@ -97,6 +109,8 @@ def run_dict(run: RunRecord, counts: dict[tuple[str, Status], int]) -> dict[str,
         "messages": total,
         "final": final,
         "failed": sum(n for (_, s), n in counts.items() if s in FAILED),
+        "rate_per_s": round(rate, 1) if rate is not None else None,
+        "eta_s": eta,
         "counts": by_status(counts),
         "by_channel": by_channel(counts),
         "parent_run_id": run.parent_run_id,
@@ -172,9 +186,12 @@ class Progress:
 
 def summary(run: RunRecord, counts: dict[tuple[str, Status], int]) -> None:
     d = run_dict(run, counts)
+    pace_text = ""
+    if d["rate_per_s"] is not None:
+        pace_text = f"; {d['rate_per_s']:,.0f} messages/s, about {d['eta_s']:,} s left"
     out.print(
         f"[bold]Run {run.id}[/] of {escape(run.campaign)}: {run.state.value}; "
-        f"{d['final']:,}/{d['messages']:,} messages final, {d['failed']:,} failed"
+        f"{d['final']:,}/{d['messages']:,} messages final, {d['failed']:,} failed{pace_text}"
     )
     if counts:
         out.print(_counts_table(counts))

@@ -239,6 +239,9 @@ def test_pause_resume_cancel_across_processes(tmp_path: Path, database: str, red
 
             assert cli("resume", run_id).returncode == 0
             wait_for(lambda: len(server.requests) >= frozen + 200, 30, "sending to resume")
+            running = json.loads(cli("status", run_id, "--json").stdout)
+            assert running["state"] == "running"
+            assert running["rate_per_s"] > 0 and running["eta_s"] >= 0  # pace and time left while it runs
             cancelled = cli("cancel", run_id)
             assert cancelled.returncode == 0
             time.sleep(2.0)
