@@ -47,12 +47,11 @@ from typing import Any, ClassVar, Literal
 from pydantic import SecretStr, field_validator, model_validator
 
 from smartpush.errors import PermanentError, ProviderError, TechnicalError
-from smartpush.http import HttpResponse, HttpTransport, classify_status, retry_after
+from smartpush.http import HttpProvider, HttpResponse, classify_status, retry_after
 from smartpush.provider import (
     Channel,
     HttpSmsProviderOptions,
     OutboundMessage,
-    Provider,
     ProviderOptions,
     SendResult,
 )
@@ -113,7 +112,7 @@ class BrevoOptions(HttpSmsProviderOptions):
         return self
 
 
-class BrevoProvider(Provider):
+class BrevoProvider(HttpProvider):
     """Sends SMS through Brevo transactional SMS; see the module docstring."""
 
     channels: ClassVar[frozenset[Channel]] = frozenset({Channel.SMS})
@@ -125,14 +124,6 @@ class BrevoProvider(Provider):
             raise TypeError("BrevoProvider needs BrevoOptions")
         self.settings = options
         self.url = (options.base_url or DEFAULT_BASE_URL).rstrip("/") + _PATH
-        # Made on the first send: the instance is built per worker process before any loop runs.
-        self._transport: HttpTransport | None = None
-
-    def _client(self) -> HttpTransport:
-        if self._transport is None:
-            opts = self.settings
-            self._transport = HttpTransport(limit=opts.concurrency, timeout_s=opts.timeout.total_seconds())
-        return self._transport
 
     def payload(self, message: OutboundMessage) -> dict[str, Any]:
         """The JSON document sent for ``message``."""
@@ -164,10 +155,6 @@ class BrevoProvider(Provider):
         if not 200 <= response.status < 300:  # noqa: PLR2004 - the 2xx range
             raise _error(response)
         return _accepted(response)
-
-    async def close(self) -> None:
-        if self._transport is not None:
-            await self._transport.close()
 
 
 def _accepted(response: HttpResponse) -> SendResult:

@@ -57,12 +57,11 @@ from smartpush.errors import (
     ThrottledError,
     TransientError,
 )
-from smartpush.http import HttpResponse, HttpTransport, classify_status, retry_after
+from smartpush.http import HttpProvider, HttpResponse, HttpTransport, classify_status, retry_after
 from smartpush.provider import (
     Channel,
     HttpProviderOptions,
     OutboundMessage,
-    Provider,
     ProviderOptions,
     SendResult,
 )
@@ -347,7 +346,7 @@ def _again(error: ProviderError) -> ProviderError:
 # -- the driver ---------------------------------------------------------------------------------------
 
 
-class FcmProvider(Provider):
+class FcmProvider(HttpProvider):
     """Sends push notifications through FCM HTTP v1; see the module docstring.
 
     Context: ``project_dir`` (where ``service_account_file`` is read from) and, for tests, ``clock``
@@ -372,8 +371,6 @@ class FcmProvider(Provider):
         base = (options.base_url or DEFAULT_BASE_URL).rstrip("/")
         self.url = f"{base}/v1/projects/{project}/messages:send"
         clock = context.get("clock", time.monotonic)
-        # Made on the first send: the instance is built per worker process before any loop runs.
-        self._transport: HttpTransport | None = None
         self.tokens = _AccessTokens(self.service_account, self._client, clock)
 
     def _load(self, options: FcmOptions, base: Path) -> ServiceAccount:
@@ -393,12 +390,6 @@ class FcmProvider(Provider):
             return load_service_account(text)
         except ValueError as exc:
             raise ConfigError(f"account {self.account}: {where} {exc}") from None
-
-    def _client(self) -> HttpTransport:
-        if self._transport is None:
-            opts = self.settings
-            self._transport = HttpTransport(limit=opts.concurrency, timeout_s=opts.timeout.total_seconds())
-        return self._transport
 
     def payload(self, message: OutboundMessage) -> dict[str, Any]:
         """The JSON object sent for ``message``."""
@@ -441,10 +432,6 @@ class FcmProvider(Provider):
             json=body,
             headers={"Accept": "application/json", "Authorization": f"Bearer {token}"},
         )
-
-    async def close(self) -> None:
-        if self._transport is not None:
-            await self._transport.close()
 
 
 def _accepted(response: HttpResponse) -> SendResult:

@@ -59,12 +59,11 @@ from urllib.parse import quote
 from pydantic import Field, SecretStr, field_validator
 
 from smartpush.errors import PermanentError, ProviderError, TechnicalError
-from smartpush.http import HttpResponse, HttpTransport, classify_status, retry_after
+from smartpush.http import HttpProvider, HttpResponse, classify_status, retry_after
 from smartpush.provider import (
     Channel,
     HttpSmsProviderOptions,
     OutboundMessage,
-    Provider,
     ProviderOptions,
     SendResult,
 )
@@ -154,7 +153,7 @@ class OvhOptions(HttpSmsProviderOptions):
 # -- the driver ---------------------------------------------------------------------------------------
 
 
-class OvhProvider(Provider):
+class OvhProvider(HttpProvider):
     """Sends SMS through the OVHcloud SMS API; see the module docstring."""
 
     channels: ClassVar[frozenset[Channel]] = frozenset({Channel.SMS})
@@ -169,14 +168,6 @@ class OvhProvider(Provider):
         self.url = f"{base}/sms/{quote(options.service_name, safe='')}/jobs"
         clock = context.get("clock")
         self._clock: Callable[[], float] = clock if callable(clock) else time.time
-        # Made on the first send: the instance is built per worker process before any loop runs.
-        self._transport: HttpTransport | None = None
-
-    def _client(self) -> HttpTransport:
-        if self._transport is None:
-            opts = self.settings
-            self._transport = HttpTransport(limit=opts.concurrency, timeout_s=opts.timeout.total_seconds())
-        return self._transport
 
     def job(self, message: OutboundMessage) -> dict[str, Any]:
         """The JSON document sent for ``message``."""
@@ -220,10 +211,6 @@ class OvhProvider(Provider):
         if not 200 <= response.status < 300:  # noqa: PLR2004 - the 2xx range
             raise _error(response)
         return _result(response, message)
-
-    async def close(self) -> None:
-        if self._transport is not None:
-            await self._transport.close()
 
 
 def _result(response: HttpResponse, message: OutboundMessage) -> SendResult:

@@ -39,12 +39,11 @@ from typing import Any, ClassVar, Literal
 from pydantic import SecretStr, field_validator, model_validator
 
 from smartpush.errors import PermanentError, ProviderError, TechnicalError, ThrottledError, TransientError
-from smartpush.http import HttpResponse, HttpTransport, classify_status, retry_after
+from smartpush.http import HttpProvider, HttpResponse, classify_status, retry_after
 from smartpush.provider import (
     Channel,
     HttpSmsProviderOptions,
     OutboundMessage,
-    Provider,
     ProviderOptions,
     SendResult,
 )
@@ -199,7 +198,7 @@ class TwilioOptions(HttpSmsProviderOptions):
 # -- the driver ---------------------------------------------------------------------------------------
 
 
-class TwilioProvider(Provider):
+class TwilioProvider(HttpProvider):
     """Sends SMS through Twilio's Messages API; see the module docstring."""
 
     channels: ClassVar[frozenset[Channel]] = frozenset({Channel.SMS})
@@ -212,14 +211,6 @@ class TwilioProvider(Provider):
         self.settings = options
         base = (options.base_url or DEFAULT_BASE_URL).rstrip("/")
         self.url = f"{base}/2010-04-01/Accounts/{options.account_sid}/Messages.json"
-        # Made on the first send: the instance is built per worker process before any loop runs.
-        self._transport: HttpTransport | None = None
-
-    def _client(self) -> HttpTransport:
-        if self._transport is None:
-            opts = self.settings
-            self._transport = HttpTransport(limit=opts.concurrency, timeout_s=opts.timeout.total_seconds())
-        return self._transport
 
     def form(self, message: OutboundMessage) -> dict[str, str]:
         """The form fields sent for ``message``."""
@@ -245,10 +236,6 @@ class TwilioProvider(Provider):
         if 200 <= response.status < 300:  # noqa: PLR2004 - the 2xx range
             return _accepted(response)
         raise _error(response)
-
-    async def close(self) -> None:
-        if self._transport is not None:
-            await self._transport.close()
 
 
 def _accepted(response: HttpResponse) -> SendResult:

@@ -37,12 +37,11 @@ from typing import Any, ClassVar, Literal
 from pydantic import SecretStr, field_validator, model_validator
 
 from smartpush.errors import PermanentError, ProviderError, TechnicalError, ThrottledError, TransientError
-from smartpush.http import HttpResponse, HttpTransport, classify_status, retry_after
+from smartpush.http import HttpProvider, HttpResponse, classify_status, retry_after
 from smartpush.provider import (
     Channel,
     HttpSmsProviderOptions,
     OutboundMessage,
-    Provider,
     ProviderOptions,
     SendResult,
 )
@@ -127,7 +126,7 @@ class VonageOptions(HttpSmsProviderOptions):
         return self
 
 
-class VonageProvider(Provider):
+class VonageProvider(HttpProvider):
     """Sends SMS through the Vonage SMS API; see the module docstring."""
 
     channels: ClassVar[frozenset[Channel]] = frozenset({Channel.SMS})
@@ -139,14 +138,6 @@ class VonageProvider(Provider):
             raise TypeError("VonageProvider needs VonageOptions")
         self.settings = options
         self.url = (options.base_url or DEFAULT_BASE_URL).rstrip("/") + "/sms/json"
-        # Made on the first send: the instance is built per worker process before any loop runs.
-        self._transport: HttpTransport | None = None
-
-    def _client(self) -> HttpTransport:
-        if self._transport is None:
-            opts = self.settings
-            self._transport = HttpTransport(limit=opts.concurrency, timeout_s=opts.timeout.total_seconds())
-        return self._transport
 
     def form(self, message: OutboundMessage) -> dict[str, str]:
         """The form fields sent for ``message`` (credentials included)."""
@@ -182,10 +173,6 @@ class VonageProvider(Provider):
                 f"Vonage answered HTTP {response.status}", code=str(response.status)
             )
         return _result(response)
-
-    async def close(self) -> None:
-        if self._transport is not None:
-            await self._transport.close()
 
 
 def _result(response: HttpResponse) -> SendResult:

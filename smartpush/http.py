@@ -29,12 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import PermanentError, ProviderError, TechnicalError, ThrottledError, TransientError
+from .provider import Provider
 
 if TYPE_CHECKING:
     import aiohttp
     from yarl import URL
 
 __all__ = [
+    "HttpProvider",
     "HttpResponse",
     "HttpTransport",
     "classify_status",
@@ -432,3 +434,25 @@ def provider_error(
         if isinstance(exc, kind):
             return translate(exc, host or "the provider", timeout_s)
     return None
+
+
+class HttpProvider(Provider):
+    """A driver that speaks HTTP through one :class:`HttpTransport`, made on its first send.
+
+    The driver instance is built once per worker process, before any event loop runs; the transport
+    (and its connection pool) is made on the loop that first sends, and closed with the driver.
+    """
+
+    _transport: HttpTransport | None = None
+
+    def _client(self) -> HttpTransport:
+        if self._transport is None:
+            options = self.options
+            self._transport = HttpTransport(
+                limit=options.concurrency, timeout_s=options.timeout.total_seconds()
+            )
+        return self._transport
+
+    async def close(self) -> None:
+        if self._transport is not None:
+            await self._transport.close()
