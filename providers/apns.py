@@ -59,11 +59,12 @@ from pydantic import SecretStr, field_validator, model_validator
 
 from smartpush.errors import (
     ConfigError,
+    Outcome,
     PermanentError,
     ProviderError,
     TechnicalError,
-    ThrottledError,
     TransientError,
+    outcome_error,
 )
 from smartpush.http import classify_status, retry_after
 from smartpush.provider import (
@@ -122,10 +123,9 @@ PushType = Literal[
 
 # -- errors -------------------------------------------------------------------------------------------
 
-_Kind = Literal["throttled", "transient", "suppress", "technical"]
 
 #: Apple's ``reason`` -> (what it means for us, a text without any token).
-REASONS: Mapping[str, tuple[_Kind, str]] = {
+REASONS: Mapping[str, tuple[Outcome, str]] = {
     # the device token is dead: permanent, and the token goes on the suppression list
     "BadDeviceToken": (
         "suppress",
@@ -186,16 +186,10 @@ def error_for(
         error = classify_status(status, retry_after_s=retry_after_s, code=reason, detail=detail)
         return error or TechnicalError(f"{detail} on an error path", code=reason or str(status))
     kind, text = REASONS[reason]
-    if kind == "throttled":
-        return ThrottledError(text, code=reason, retry_after_s=retry_after_s)
-    if kind == "transient":
-        return TransientError(text, code=reason, retry_after_s=retry_after_s)
-    if kind == "suppress":
-        if timestamp is not None:
-            since = datetime.fromtimestamp(timestamp / 1000, UTC).isoformat(timespec="seconds")
-            text = f"{text} (since {since})"
-        return PermanentError(text, code=reason, suppress=True)
-    return TechnicalError(text, code=reason)
+    if kind == "suppress" and timestamp is not None:
+        since = datetime.fromtimestamp(timestamp / 1000, UTC).isoformat(timespec="seconds")
+        text = f"{text} (since {since})"
+    return outcome_error(kind, text, code=reason, retry_after_s=retry_after_s)
 
 
 def _is_tls(exc: BaseException) -> bool:

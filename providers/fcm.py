@@ -51,11 +51,13 @@ from pydantic import SecretStr, field_validator, model_validator
 
 from smartpush.errors import (
     ConfigError,
+    Outcome,
     PermanentError,
     ProviderError,
     TechnicalError,
     ThrottledError,
     TransientError,
+    outcome_error,
 )
 from smartpush.http import HttpProvider, HttpResponse, HttpTransport, classify_status, retry_after
 from smartpush.provider import (
@@ -95,11 +97,10 @@ MAX_TTL = timedelta(weeks=4)
 _FIELD_PATH = re.compile(r"^[A-Za-z0-9_.\[\]]{1,100}$")
 _OAUTH_ERROR = re.compile(r"^[a-z_]{1,40}$")
 
-_Kind = Literal["throttled", "transient", "suppress", "technical"]
 
 #: FCM ``errorCode`` -> (what it means for us, a text without any token). INVALID_ARGUMENT is decided
 #: by :func:`_invalid_argument`: only an error about the token suppresses it.
-ERRORS: Mapping[str, tuple[_Kind, str]] = {
+ERRORS: Mapping[str, tuple[Outcome, str]] = {
     "UNREGISTERED": ("suppress", "the app instance was unregistered from FCM: the token is no longer valid"),
     "SENDER_ID_MISMATCH": ("suppress", "the token belongs to another Firebase project (sender ID mismatch)"),
     "QUOTA_EXCEEDED": ("throttled", "FCM's sending limit was exceeded for this target or project"),
@@ -494,15 +495,9 @@ def _error(response: HttpResponse) -> ProviderError:
         return _invalid_argument(code or str(status), violations)
     if code is not None and code in ERRORS:
         kind, text = ERRORS[code]
-        if kind == "suppress":
-            return PermanentError(text, code=code, suppress=True)
-        if kind == "throttled":
-            return ThrottledError(
-                text, code=code, retry_after_s=QUOTA_MIN_BACKOFF_S if wait is None else wait
-            )
-        if kind == "transient":
-            return TransientError(text, code=code, retry_after_s=wait)
-        return TechnicalError(text, code=code)
+        if kind == "throttled" and wait is None:
+            wait = QUOTA_MIN_BACKOFF_S  # FCM's documented minimum initial backoff
+        return outcome_error(kind, text, code=code, retry_after_s=wait)
     detail = f"FCM answered HTTP {status}" + (f" with error {code}" if code else "")
     if status == HTTPStatus.UNAUTHORIZED:
         return TechnicalError(

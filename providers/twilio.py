@@ -38,7 +38,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import SecretStr, field_validator, model_validator
 
-from smartpush.errors import PermanentError, ProviderError, TechnicalError, ThrottledError, TransientError
+from smartpush.errors import (
+    Outcome,
+    ProviderError,
+    TechnicalError,
+    outcome_error,
+)
 from smartpush.http import HttpProvider, HttpResponse, classify_status, retry_after
 from smartpush.provider import (
     Channel,
@@ -80,11 +85,10 @@ class Receipt:
 
 # -- errors -------------------------------------------------------------------------------------------
 
-_Kind = Literal["throttled", "transient", "permanent", "suppress", "technical"]
 
 #: Twilio error code -> (what it means for us, a text without any address). Synchronous codes come from
 #: the Messages API answer; the 30xxx codes also arrive in status callbacks (see :func:`parse_receipt`).
-ERRORS: Mapping[str, tuple[_Kind, str]] = {
+ERRORS: Mapping[str, tuple[Outcome, str]] = {
     "20003": ("technical", "Twilio refused the credentials: check account_sid and auth_token or the API key"),
     "20429": ("throttled", "Twilio asks to slow down (too many requests)"),
     "21211": ("suppress", "the 'To' number is not a valid phone number"),
@@ -118,13 +122,7 @@ def error_for(code: str | None, status: int, retry_after_s: float | None) -> Pro
         error = classify_status(status, retry_after_s=retry_after_s, code=code, detail=detail)
         return error or TechnicalError(f"{detail} on an error path", code=code or str(status))
     kind, text = ERRORS[code]
-    if kind == "throttled":
-        return ThrottledError(text, code=code, retry_after_s=retry_after_s)
-    if kind == "transient":
-        return TransientError(text, code=code, retry_after_s=retry_after_s)
-    if kind in ("permanent", "suppress"):
-        return PermanentError(text, code=code, suppress=kind == "suppress")
-    return TechnicalError(text, code=code)
+    return outcome_error(kind, text, code=code, retry_after_s=retry_after_s)
 
 
 # -- options ------------------------------------------------------------------------------------------

@@ -32,11 +32,16 @@ is never repeated. A non-2xx HTTP answer follows :func:`smartpush.http.classify_
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from pydantic import SecretStr, field_validator, model_validator
 
-from smartpush.errors import PermanentError, ProviderError, TechnicalError, ThrottledError, TransientError
+from smartpush.errors import (
+    Outcome,
+    ProviderError,
+    TechnicalError,
+    outcome_error,
+)
 from smartpush.http import HttpProvider, HttpResponse, classify_status, retry_after
 from smartpush.provider import (
     Channel,
@@ -55,11 +60,10 @@ DEFAULT_BASE_URL = "https://rest.nexmo.com"
 #: The status of an accepted message part.
 _ACCEPTED = "0"
 
-_Kind = Literal["throttled", "transient", "permanent", "suppress", "technical"]
 
 #: SMS API ``status`` -> (what it means for us, a text without any address), from Vonage's API errors
 #: page. 9 (no credit) and 8 (account suspended) stop every message alike: technical, so the run pauses.
-STATUSES: Mapping[str, tuple[_Kind, str]] = {
+STATUSES: Mapping[str, tuple[Outcome, str]] = {
     "1": ("throttled", "Vonage throttled the request: the account's rate limit was exceeded"),
     "2": ("technical", "a required parameter is missing (from, to, api_key, api_secret or text)"),
     "3": ("technical", "a parameter value is invalid"),
@@ -88,13 +92,7 @@ def error_for(status: str, retry_after_s: float | None = None) -> ProviderError:
     if known is None:
         return TechnicalError(f"Vonage answered status {status}", code=status)
     kind, text = known
-    if kind == "throttled":
-        return ThrottledError(text, code=status, retry_after_s=retry_after_s)
-    if kind == "transient":
-        return TransientError(text, code=status, retry_after_s=retry_after_s)
-    if kind in ("permanent", "suppress"):
-        return PermanentError(text, code=status, suppress=kind == "suppress")
-    return TechnicalError(text, code=status)
+    return outcome_error(kind, text, code=status, retry_after_s=retry_after_s)
 
 
 class VonageOptions(HttpSmsProviderOptions):

@@ -26,11 +26,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
 
 __all__ = [
     "AudienceError",
     "ConfigError",
     "InfrastructureError",
+    "Outcome",
     "PermanentError",
     "Problem",
     "ProviderError",
@@ -41,6 +43,7 @@ __all__ = [
     "TemplateError",
     "ThrottledError",
     "TransientError",
+    "outcome_error",
 ]
 
 
@@ -192,3 +195,21 @@ class RunNotFound(SmartpushError):
     """No run has the id, id prefix or key the user gave."""
 
     exit_code = 1
+
+
+#: How a driver's table classifies one documented provider error: ``suppress`` is permanent with the
+#: address put on the suppression list.
+Outcome = Literal["throttled", "transient", "permanent", "suppress", "technical"]
+
+
+def outcome_error(
+    outcome: Outcome, detail: str, *, code: str | None = None, retry_after_s: float | None = None
+) -> ProviderError:
+    """The :class:`ProviderError` a driver's error table entry stands for."""
+    if outcome == "throttled":
+        return ThrottledError(detail, code=code, retry_after_s=retry_after_s)
+    if outcome == "transient":
+        return TransientError(detail, code=code, retry_after_s=retry_after_s)
+    if outcome in ("permanent", "suppress"):
+        return PermanentError(detail, code=code, suppress=outcome == "suppress")
+    return TechnicalError(detail, code=code)
