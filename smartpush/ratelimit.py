@@ -12,7 +12,10 @@ import time
 
 from .provider import ProviderOptions
 
-__all__ = ["RateLimiter"]
+__all__ = ["DAILY_QUOTA_CODE", "RateLimiter"]
+
+#: ``error_code`` of a ``created`` message held back until tomorrow by its account's ``daily_quota``.
+DAILY_QUOTA_CODE = "daily-quota"
 
 #: The bucket holds at most this share of a second's tokens: the burst a provider may see.
 BURST_SECONDS = 0.1
