@@ -163,8 +163,20 @@ class Window(_Model):
     days: Annotated[list[Day], BeforeValidator(_days)] = Field(default_factory=lambda: list(ALL_DAYS))
     hours: str = "00:00-24:00"
     timezone: TimeZoneName = "Europe/Paris"
-    #: Public holidays on which nothing is sent (a country code such as FR), or none.
+    #: Public holidays on which nothing is sent all day: a country code such as FR, or a country and
+    #: one of its regions with holidays of its own (FR-57 Moselle, FR-67/FR-68 Alsace, DE-BY); or none.
     holidays: str | None = None
+
+    @field_validator("holidays")
+    @classmethod
+    def _holidays(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from .windows import holiday_calendar  # windows imports this module: import it when used
+
+        country, _ = holiday_calendar(value)
+        _, sep, region = value.strip().partition("-")
+        return f"{country}-{region.strip()}" if sep else country
 
     @field_validator("hours")
     @classmethod

@@ -61,6 +61,8 @@ class ProviderOptions(BaseModel):
     daily_quota: int | None = Field(default=None, gt=0)
     #: Requests in flight per worker process.
     concurrency: int = Field(default=DEFAULT_CONCURRENCY, gt=0, le=1000)
+    #: Requests in flight across every worker process and host, for providers that cap connections.
+    cluster_concurrency: int | None = Field(default=None, gt=0)
     timeout: Duration = DEFAULT_TIMEOUT
 
     @property

@@ -15,8 +15,10 @@ import hmac
 import threading
 import time
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
 
 from . import registry
 from .config import Config, load_config
@@ -24,7 +26,7 @@ from .failover import Breaker
 from .ledger import Ledger, RunRecord, RunState
 from .loading import PreparedCampaign, load_campaign
 from .provider import Provider
-from .ratelimit import RateLimiter
+from .ratelimit import LEASE_MARGIN_SECONDS, AccountLimiter, Bucket, MemoryStore, RedisStore, Store
 from .recipients import Evaluator
 
 __all__ = ["Runtime", "database_url"]
@@ -33,6 +35,13 @@ T = TypeVar("T")
 
 #: How long a process trusts its last reading of a run's state (pause, cancel) before reading it again.
 RUN_STATE_TTL_S = 0.5
+
+
+def _local_midnight(wall: datetime, config: Config) -> datetime:
+    """The start of ``wall``'s day in the configured timezone (where daily quotas reset), in UTC."""
+    tz = ZoneInfo(config.settings.timezone)
+    day = wall.astimezone(tz).date()
+    return datetime(day.year, day.month, day.day, tzinfo=tz).astimezone(UTC)
 
 
 def database_url(config: Config) -> str:
@@ -66,7 +75,7 @@ class Runtime:
         self.ledger = ledger or Ledger(database_url(config))
         self._lock = threading.Lock()
         self._providers: dict[str, Provider] = {}
-        self._limiters: dict[str, RateLimiter] = {}
+        self._limiters: dict[str, AccountLimiter] = {}
         self._campaigns: dict[str, PreparedCampaign] = {}
         self._evaluators: dict[str, Evaluator] = {}
         self._run_states: dict[str, tuple[float, bool]] = {}
@@ -74,6 +83,9 @@ class Runtime:
         self._key = config.secret_key()
         failover = config.settings.failover
         broker = config.settings.broker
+        shared = broker is not None and broker.startswith(("redis://", "rediss://", "unix://"))
+        #: Where rate limits, quotas and throttle pauses live: Redis when workers share a broker there.
+        self.limit_store: Store = RedisStore(broker) if shared and broker is not None else MemoryStore()
         self.breaker = Breaker(
             failover.errors,
             failover.within.total_seconds(),
@@ -101,10 +113,33 @@ class Runtime:
                 self._providers[account] = cls(account, options, project_dir=self.config.project_dir)
             return self._providers[account]
 
-    def limiter(self, account: str) -> RateLimiter:
+    def bucket(self, account: str) -> Bucket:
+        """An account's limits as ``smartpush.yaml`` gives them."""
+        options = self.config.account(account)
+        return Bucket(
+            account,
+            options.messages_per_second,
+            options.daily_quota,
+            self.config.settings.timezone,
+            options.cluster_concurrency,
+            options.timeout.total_seconds() + LEASE_MARGIN_SECONDS,
+        )
+
+    def limiter(self, account: str) -> AccountLimiter:
+        """The account's pacing in this process (shared with every worker through the limit store)."""
         with self._lock:
             if account not in self._limiters:
-                self._limiters[account] = RateLimiter.for_account(self.config.account(account))
+                from .metrics import RATE_LIMIT_WAIT
+
+                waited = RATE_LIMIT_WAIT.labels(provider=account)
+                ledger, config = self.ledger, self.config
+                self._limiters[account] = AccountLimiter(
+                    self.bucket(account),
+                    self.limit_store,
+                    concurrency=self.config.account(account).concurrency,
+                    used_today=lambda wall: ledger.sent_since(account, _local_midnight(wall, config)),
+                    on_wait=waited.inc,
+                )
             return self._limiters[account]
 
     def campaign(self, run: RunRecord) -> PreparedCampaign:
@@ -161,5 +196,7 @@ class Runtime:
             for p in providers:
                 with contextlib.suppress(Exception):  # closing must not hide the run's real outcome
                     loop.run(p.close())
+            with contextlib.suppress(Exception):
+                loop.run(self.limit_store.close())
             loop.stop()
         self.ledger.close()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from .campaign import Category, Retry
 from .errors import (
@@ -28,6 +29,7 @@ from .failover import choose_account
 from .ledger import MessageRecord, Result, RunRecord, RunState, Status, Suppression
 from .loading import PreparedCampaign, PreparedChannel
 from .provider import Channel, OutboundMessage
+from .ratelimit import DAILY_QUOTA_CODE, QuotaExhausted, StoreUnavailable
 from .recipients import Evaluator
 from .runtime import Runtime
 from .unsubscribe import make_token, recipient_hash
@@ -43,6 +45,8 @@ BATCH_SIZE = 200
 SEGMENT_SLICE_S = 30.0
 #: How long a message waits when every account of its channel is cooling down (failover breaker open).
 ALL_OPEN_WAIT = timedelta(seconds=10)
+#: How long a message waits when the shared rate-limit store (Redis) cannot be reached.
+STORE_DOWN_WAIT = timedelta(seconds=10)
 #: How long a throttled message waits when the provider gives no Retry-After.
 DEFAULT_THROTTLE_WAIT_S = 1.0
 
@@ -171,8 +175,6 @@ def _past_not_after(prepared: PreparedCampaign, now: datetime) -> bool:
     if isinstance(limit, datetime):
         return now > limit
     window = prepared.campaign.schedule.window
-    from zoneinfo import ZoneInfo
-
     tz = ZoneInfo(window.timezone if window else prepared.config.settings.timezone)
     return now.astimezone(tz).date() > limit
 
@@ -292,6 +294,23 @@ def _outbound(
     )
 
 
+def _quota_wait(rt: Runtime, message: MessageRecord, exc: QuotaExhausted) -> Result:
+    """The account used its daily quota: the message stays due, for when the quota resets."""
+    local = exc.resets_at.astimezone(ZoneInfo(rt.config.settings.timezone))
+    return Result(
+        message.id,
+        Status.CREATED,
+        attempted=False,
+        provider=exc.account,
+        error_code=DAILY_QUOTA_CODE,
+        error_text=(
+            f"provider account '{exc.account}' used its daily quota of {exc.quota:,}; "
+            f"sending resumes at {local:%Y-%m-%d %H:%M} {rt.config.settings.timezone}"
+        ),
+        next_attempt_at=exc.resets_at,
+    )
+
+
 async def _send_one(
     rt: Runtime, prepared: PreparedCampaign, evaluator: Evaluator, message: MessageRecord
 ) -> Result:
@@ -313,22 +332,43 @@ async def _send_one(
         return Result(message.id, Status.INVALID, attempted=False, error_code=exc.code, error_text=exc.reason)
     parts = rendered.sms.parts if rendered.sms is not None else 1
     outbound = _outbound(prepared, channel, message, rendered.fields, unsubscribe)
+    if alternatives and rt.limiter(account).exhausted_until() is not None:
+        # This account used its daily quota: another account of the channel may still have some.
+        account = next(
+            (
+                other
+                for other in channel.providers
+                if not rt.breaker.is_open(other) and rt.limiter(other).exhausted_until() is None
+            ),
+            account,
+        )
     limiter = rt.limiter(account)
     options = rt.config.account(account)
     units = parts if getattr(options, "rate_unit", "messages") == "parts" else 1
     retry = prepared.campaign.retry
     try:
-        await limiter.acquire(units)
-        async with limiter.slots:
+        await limiter.acquire(units, priority=prepared.campaign.priority.value, group=message.run_id)
+    except QuotaExhausted as exc:
+        return _quota_wait(rt, message, exc)
+    except StoreUnavailable as exc:
+        logger.warning("run %s message %s waits: %s", message.run_id, message.id, exc)
+        later = now_utc() + STORE_DOWN_WAIT
+        return Result(message.id, Status.CREATED, attempted=False, next_attempt_at=later)
+    try:
+        async with limiter.slot():
             # The rate limit may have held this message for a while: is the run still sending?
             allowed = rt.known_sending_allowed(message.run_id)
             if allowed is None:  # stale: read the ledger off the event loop
                 allowed = await asyncio.to_thread(rt.sending_allowed, message.run_id)
             if not allowed:
+                await limiter.give_back(units)
                 return Result(message.id, Status.CREATED, attempted=False)
             result = await rt.provider(account).send(outbound)
     except ThrottledError as exc:
         wait = exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_THROTTLE_WAIT_S
+        # Back-pressure: the whole account pauses, in every worker, not just this message.
+        await limiter.pause(wait)
+        await limiter.give_back(units)
         return Result(
             message.id,
             Status.CREATED,
