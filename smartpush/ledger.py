@@ -839,6 +839,13 @@ class Ledger:
             return int(conn.execute(stmt).rowcount)
 
     # Reading -------------------------------------------------------------------------------------
+
+    def sent_since(self, provider: str, since: datetime) -> int:
+        """Messages handed to ``provider`` since ``since``, every run: a daily quota's count so far."""
+        stmt = select(func.count()).where(messages_t.c.provider == provider, messages_t.c.sent_at >= since)
+        with self._tx(write=False) as conn:
+            return int(conn.execute(stmt).scalar_one())
+
     def counts(self, run_id: str) -> dict[tuple[str, Status], int]:
         """(channel, status) → number of messages."""
         stmt = (
