@@ -73,8 +73,19 @@ def backoff(retry: Retry, attempt: int, retry_after_s: float | None = None) -> t
     return timedelta(seconds=max(min(delay, high), retry_after_s or 0.0))
 
 
-def process_segment(rt: Runtime, enqueue: Enqueue, run_id: str, segment: int) -> SegmentOutcome:
-    """Send the due messages of one segment (at most :data:`SEGMENT_SLICE_S` of work)."""
+def process_segment(
+    rt: Runtime,
+    enqueue: Enqueue,
+    run_id: str,
+    segment: int,
+    *,
+    should_yield: Callable[[], bool] | None = None,
+) -> SegmentOutcome:
+    """Send the due messages of one segment (at most :data:`SEGMENT_SLICE_S` of work).
+
+    ``should_yield`` is asked after each batch: when it answers True the segment re-enqueues itself
+    at once and gives its thread up (segments of a higher priority are waiting for one).
+    """
     ledger = rt.ledger
     outcome = SegmentOutcome()
     run = ledger.get_run(run_id)
@@ -131,6 +142,10 @@ def process_segment(rt: Runtime, enqueue: Enqueue, run_id: str, segment: int) ->
             if current is not None and current.state is RunState.CANCELLED:
                 ledger.cancel_unsent(run_id, now_utc())  # messages this batch handed back
             logger.info("run %s is %s: segment %d stops", run_id, current and current.state, segment)
+            return outcome
+        if should_yield is not None and should_yield():
+            enqueue(run_id, segment, None)
+            outcome.again_in_ms = 0
             return outcome
     else:
         enqueue(run_id, segment, None)  # time slice used up: let other segments have the thread
