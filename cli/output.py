@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,9 @@ from rich.table import Table
 
 from smartpush.errors import ConfigError, Problem, SmartpushError
 from smartpush.loading import PreparedCampaign
-from smartpush.planning import InvalidEntry, Plan
+from smartpush.planning import InvalidEntry, Plan, ProviderLoad
 from smartpush.recipients import RecipientOutcome
+from smartpush.windows import describe_moment
 
 out = Console(highlight=False, soft_wrap=False)
 err = Console(stderr=True, highlight=False)
@@ -69,11 +70,16 @@ def human_duration(value: timedelta | None) -> str:
     if seconds < 60:  # noqa: PLR2004
         return f"{seconds} s"
     parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+    units = (("d", 86400), ("h", 3600), ("min", 60)) + ((("s", 1),) if seconds < 3600 else ())  # noqa: PLR2004
+    for unit, size in units:
         n, seconds = divmod(seconds, size)
         if n:
             parts.append(f"{n} {unit}")
     return " ".join(parts)
+
+
+def _moment(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 def _entry(e: InvalidEntry) -> dict[str, Any]:
@@ -130,12 +136,21 @@ def plan_dict(p: Plan) -> dict[str, Any]:
                 "units": pl.units,
                 "unit": pl.unit,
                 "rate": pl.rate,
+                "rate_per_s": pl.per_second,
                 "daily_quota": pl.daily_quota,
+                "sending_s": int(pl.sending.total_seconds()) if pl.sending is not None else None,
+                "starts_at": _moment(pl.starts_at),
+                "done_by": _moment(pl.done_by),
                 "duration_s": int(pl.duration.total_seconds()) if pl.duration is not None else None,
             }
             for pl in p.providers
         ],
         "segments": {"size": p.segment_size, "count": p.segments},
+        "start": _moment(p.start),
+        "scheduled": p.scheduled,
+        "window": p.window,
+        "timezone": p.timezone,
+        "done_by": _moment(p.done_by),
         "estimated_duration_s": int(p.duration.total_seconds()) if p.duration is not None else None,
         "processes": p.processes,
         "elapsed_s": round(p.elapsed_s, 3),
@@ -210,12 +225,8 @@ def plan(p: Plan, prepared: PreparedCampaign, *, limit: int) -> None:
         f"{p.messages:,} messages"
     )
     for pl in p.providers:
-        rate = f"at {pl.rate}" if pl.rate else "no rate limit set"
-        quota = f", daily quota {pl.daily_quota:,}" if pl.daily_quota else ""
-        out.print(
-            f"  {escape(pl.account)}: {pl.units:,} {pl.unit} {rate}{quota} → {human_duration(pl.duration)}"
-        )
-    out.print(f"Estimated duration: {human_duration(p.duration)} (send windows not counted)")
+        out.print(f"  {escape(_load_line(p, pl))}")
+    out.print(escape(_estimate_line(p)))
     for line, first in p.duplicates[: limit or None]:
         out.print(f"  [yellow]duplicate[/] line {line}: same recipient id as line {first}; sent once")
     _invalid_table(p, limit)
@@ -224,6 +235,47 @@ def plan(p: Plan, prepared: PreparedCampaign, *, limit: int) -> None:
     )
     procs = f" by {p.processes} processes" if p.processes > 1 else ""
     out.print(f"Planned {p.rows:,} rows in {p.elapsed_s:.1f} s{procs}. {status}")
+
+
+def _when(p: Plan, value: datetime, *, up: bool = False) -> str:
+    """A moment in the plan's time zone; ``up`` rounds to the next minute ("done by" is a promise)."""
+    if up and (value.second or value.microsecond):
+        value = value.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    return describe_moment(value, p.timezone, now=p.start)
+
+
+def _load_line(p: Plan, pl: ProviderLoad) -> str:
+    """``sms-main: 12,400 SMS parts at 100/s, quota 250,000/day → 2 min 4 s of sending; window …``."""
+    unit = "SMS parts" if pl.unit == "parts" else "messages"
+    text = f"{pl.account}: {pl.units:,} {unit} " + (f"at {pl.rate}" if pl.rate else "no rate limit set")
+    if pl.daily_quota:
+        text += f", quota {pl.daily_quota:,}/day"
+    if pl.sending is not None:
+        text += f" → {human_duration(pl.sending)} of sending"
+    else:
+        text += " → as fast as the provider takes them"
+    text += f"; window {p.window}: " if p.window else "; no send window: "
+    if pl.starts_at is None:
+        return text + "the window never opens, nothing would be sent"
+    now = not p.scheduled and p.start is not None and pl.starts_at <= p.start
+    starts = "starts now" if now else f"starts {_when(p, pl.starts_at)}"
+    if not pl.units:
+        return text + "nothing to send"
+    if pl.done_by is None:
+        return text + f"{starts}, not done within ten years"
+    return text + f"{starts}, done by {_when(p, pl.done_by, up=True)}"
+
+
+def _estimate_line(p: Plan) -> str:
+    if p.start is None:
+        return "Estimated duration: unknown"
+    if p.done_by is None or p.duration is None:
+        return "Estimated duration: never done (the send window never opens, or more than ten years)"
+    since = f"schedule.at {_when(p, p.start)}" if p.scheduled else "now"
+    return (
+        f"Estimated duration: {human_duration(p.duration)} from {since} "
+        f"(rates, daily quotas and send windows counted): done by {_when(p, p.done_by, up=True)} {p.timezone}"
+    )
 
 
 def validated_dict(p: Plan) -> dict[str, Any]:

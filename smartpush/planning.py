@@ -2,7 +2,9 @@
 
 It answers what the officer must know before launching: how many citizens each channel and provider
 will reach, which rows are invalid and why (with their line numbers), duplicates, SMS parts and their
-cost, the segments the run will be split into and how long the rate limits make it last.
+cost, the segments the run will be split into and when each provider account will be done: its
+``rate``, its ``daily_quota`` (per calendar day in the config's ``timezone``) and the campaign's send
+window (with its public holidays) counted, from now or from ``schedule.at``.
 
 Large files are read by several processes at once (one shard of lines each, see
 :meth:`AudienceFile.shards`); each shard is scanned without looking for duplicates, then the shards'
@@ -19,7 +21,7 @@ from array import array
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from .audience import Row, Shard
@@ -27,6 +29,7 @@ from .dedup import SeenIds
 from .loading import PreparedCampaign
 from .provider import SmsProviderOptions
 from .recipients import Evaluator
+from .windows import describe, effective_window, finish_time, next_opening
 
 __all__ = ["ChannelTotals", "InvalidEntry", "Plan", "ProviderLoad", "make_plan"]
 
@@ -62,12 +65,23 @@ class ChannelTotals:
 
 @dataclass
 class ProviderLoad:
+    """One provider account's share of the run, and when it will be done."""
+
     account: str
     messages: int = 0
+    #: What ``rate`` and ``daily_quota`` count: messages, or SMS parts with ``rate_unit: parts``.
     units: int = 0
     unit: str = "messages"
     rate: str | None = None
+    per_second: float | None = None
     daily_quota: int | None = None
+    #: Time spent sending at ``rate`` alone (None without a rate).
+    sending: timedelta | None = None
+    #: The first moment the account may send (the window's next opening); None: the window never opens.
+    starts_at: datetime | None = None
+    #: When its last unit is handed over; None: never (closed window) or more than ten years away.
+    done_by: datetime | None = None
+    #: From the plan's start to ``done_by``: rate, quota days and window closures counted.
     duration: timedelta | None = None
 
 
@@ -91,6 +105,16 @@ class Plan:
     providers: list[ProviderLoad] = field(default_factory=list)
     segment_size: int = 0
     segments: int = 0
+    #: When the run is taken to start: ``schedule.at`` if later than now, else now (UTC).
+    start: datetime | None = None
+    #: Whether ``start`` is the campaign's ``schedule.at`` (rather than now).
+    scheduled: bool = False
+    #: Time zone the dates are shown in: the window's, else the config's.
+    timezone: str = "Europe/Paris"
+    #: The send window in words (``mon-fri 09:00-19:00 Europe/Paris (holidays FR)``), None: any time.
+    window: str | None = None
+    #: When the last account is done, and how long after ``start`` that is; None if never.
+    done_by: datetime | None = None
     duration: timedelta | None = None
     processes: int = 1
     elapsed_s: float = 0.0
@@ -182,8 +206,14 @@ def _scans(prepared: PreparedCampaign, processes: int) -> tuple[list[_Scan], int
         _FORKED = None
 
 
-def make_plan(prepared: PreparedCampaign, *, processes: int | None = None) -> Plan:
-    """Stream the audience once (in ``processes`` shards when it is large) and add everything up."""
+def make_plan(
+    prepared: PreparedCampaign, *, processes: int | None = None, now: datetime | None = None
+) -> Plan:
+    """Stream the audience once (in ``processes`` shards when it is large) and add everything up.
+
+    Durations are counted from ``now`` (default: the current time), or from ``schedule.at`` when the
+    campaign is scheduled later.
+    """
     started = time.perf_counter()
     if processes is None:
         processes = min(os.cpu_count() or 1, MAX_AUTO_PROCESSES)
@@ -217,13 +247,13 @@ def make_plan(prepared: PreparedCampaign, *, processes: int | None = None) -> Pl
                 counts[scan.signatures[kind]] += 1
         plan.invalid_messages.extend(e for e in scan.invalid_messages if e.line not in duplicate_lines)
     plan.recipients = sum(counts.values())
-    _add_up(prepared, plan, counts)
+    _add_up(prepared, plan, counts, now or datetime.now(UTC))
     plan.segments = math.ceil(plan.recipients / plan.segment_size) if plan.recipients else 0
     plan.elapsed_s = time.perf_counter() - started
     return plan
 
 
-def _add_up(prepared: PreparedCampaign, plan: Plan, counts: Counter[Signature]) -> None:
+def _add_up(prepared: PreparedCampaign, plan: Plan, counts: Counter[Signature], now: datetime) -> None:
     totals = [ChannelTotals(str(c.channel), c.providers) for c in prepared.channels]
     loads = {acc: ProviderLoad(acc) for c in prepared.channels for acc in c.providers[:1]}
     for signature, n in counts.items():
@@ -252,35 +282,59 @@ def _add_up(prepared: PreparedCampaign, plan: Plan, counts: Counter[Signature]) 
         if not reached:
             plan.unreachable += n
     plan.channels = totals
-    _estimate(prepared, plan, totals, loads)
+    _estimate(prepared, plan, totals, loads, now)
 
 
 def _estimate(
-    prepared: PreparedCampaign, plan: Plan, totals: list[ChannelTotals], loads: dict[str, ProviderLoad]
+    prepared: PreparedCampaign,
+    plan: Plan,
+    totals: list[ChannelTotals],
+    loads: dict[str, ProviderLoad],
+    now: datetime,
 ) -> None:
     accounts = prepared.config.accounts
     for tot in totals:
         options = accounts[tot.providers[0]]
         if isinstance(options, SmsProviderOptions) and options.price_per_part is not None and tot.sms_parts:
             tot.cost = options.price_per_part * tot.sms_parts
-    durations: list[timedelta] = []
+    campaign = prepared.campaign
+    at = campaign.schedule.at
+    plan.scheduled = at is not None and at > now
+    start = at if at is not None and plan.scheduled else now
+    plan.start = start.astimezone(UTC)
+    window = effective_window(campaign)
+    plan.window = describe(window) if window is not None else None
+    plan.timezone = window.timezone if window is not None else prepared.config.settings.timezone
+    quota_timezone = prepared.config.settings.timezone
+    opens = next_opening(window, start) if window is not None else plan.start
+    ends: list[datetime | None] = []
     for load in loads.values():
         options = accounts[load.account]
         per_parts = isinstance(options, SmsProviderOptions) and options.rate_unit == "parts"
         load.unit = "parts" if per_parts else "messages"
-        count = load.units if per_parts else load.messages
-        load.units = count
+        load.units = load.units if per_parts else load.messages
         load.daily_quota = options.daily_quota
+        load.per_second = options.messages_per_second
         if options.rate is not None:
             load.rate = str(options.rate)
-            seconds = count / options.rate.per_second
-            if options.daily_quota and count > options.daily_quota:
-                # Whole days spent waiting for the quota to refill, then the last day's share.
-                full_days = math.ceil(count / options.daily_quota) - 1
-                seconds = (
-                    full_days * 86400 + (count - full_days * options.daily_quota) / options.rate.per_second
-                )
-            load.duration = timedelta(seconds=math.ceil(seconds))
-            durations.append(load.duration)
+        if load.per_second:
+            load.sending = timedelta(seconds=math.ceil(load.units / load.per_second))
+        load.starts_at = opens
+        load.done_by = finish_time(
+            window,
+            plan.start,
+            load.units,
+            load.per_second,
+            load.daily_quota,
+            quota_timezone=quota_timezone,
+        )
+        if load.done_by is not None:
+            load.duration = timedelta(seconds=math.ceil((load.done_by - plan.start).total_seconds()))
+        if load.units:
+            ends.append(load.done_by)
     plan.providers = list(loads.values())
-    plan.duration = max(durations) if durations else None
+    if ends and all(end is not None for end in ends):
+        plan.done_by = max(end for end in ends if end is not None)
+        plan.duration = timedelta(seconds=math.ceil((plan.done_by - plan.start).total_seconds()))
+    elif not ends:
+        plan.done_by, plan.duration = plan.start, timedelta(0)

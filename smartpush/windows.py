@@ -25,6 +25,7 @@ __all__ = [
     "MARKETING_WINDOW",
     "closing",
     "describe",
+    "describe_moment",
     "effective_window",
     "finish_time",
     "holiday_calendar",
@@ -314,3 +315,17 @@ def describe(window: Window) -> str:
     hours = "all day" if window.start == time(0) and window.end is None else window.hours.replace(" ", "")
     text = f"{_day_ranges(window.days)} {hours} {window.timezone}"
     return f"{text} (holidays {window.holidays})" if window.holidays else text
+
+
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def describe_moment(
+    at: datetime, timezone: str, *, now: datetime | None = None, seconds: bool = False
+) -> str:
+    """``Tue 1 Dec 09:00`` in ``timezone``; the year is added when it is not ``now``'s (default: ``at``'s)."""
+    local = at.astimezone(ZoneInfo(timezone))
+    year = f" {local.year}" if now is not None and now.astimezone(local.tzinfo).year != local.year else ""
+    clock = f"{local:%H:%M:%S}" if seconds else f"{local:%H:%M}"
+    return f"{_WEEKDAYS[local.weekday()]} {local.day} {_MONTHS[local.month - 1]}{year} {clock}"

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -59,8 +64,17 @@ strategy: {strategy}
     return tmp_path / "c.yaml"
 
 
-def plan_of(path: Path) -> Plan:
-    return make_plan(load_campaign(path, load_config(path.parent / "smartpush.yaml", env={})))
+PARIS = ZoneInfo("Europe/Paris")
+#: Tuesday 1 December 2026, 08:00 in Paris: the frozen "now" of the duration tests.
+NOW = datetime(2026, 12, 1, 8, 0, tzinfo=PARIS)
+
+
+def plan_of(path: Path, now: datetime = NOW) -> Plan:
+    return make_plan(load_campaign(path, load_config(path.parent / "smartpush.yaml", env={})), now=now)
+
+
+def paris(day: int, hour: int, minute: int = 0, second: int = 0, month: int = 12) -> datetime:
+    return datetime(2026, month, day, hour, minute, second, tzinfo=PARIS)
 
 
 ROWS = (
@@ -146,8 +160,76 @@ def test_daily_quota_stretches_the_duration(tmp_path: Path) -> None:
     plan = plan_of(project(tmp_path, rows))
     (load,) = [p for p in plan.providers if p.account == "mail"]
     assert load.messages == 250
-    # 100 a day: two full days wait, then 50 messages at 2/s.
-    assert load.duration is not None and load.duration.total_seconds() == 2 * 86400 + 25
+    # 100 a calendar day (Paris): 100 on Tuesday from 08:00, 100 from Wednesday's midnight, the last 50
+    # from Thursday's midnight at 2/s: done Thursday 00:00:25.
+    assert load.done_by == paris(3, 0, 0, 25)
+    assert load.duration == paris(3, 0, 0, 25) - NOW
+    assert load.sending == timedelta(seconds=125)
+    assert plan.done_by == paris(3, 0, 0, 25) and plan.duration == load.duration
+
+
+def test_window_and_holidays_count_in_the_duration(tmp_path: Path) -> None:
+    rows = "".join(f"{i};Jean;70;06123456{i:02d};\n" for i in range(60))
+    window = 'schedule:\n  window: {days: mon-fri, hours: "09:00-19:00", holidays: FR}\n'
+    path = project(tmp_path, rows, campaign_extra=window)
+    plan = plan_of(path)
+    (sms,) = [p for p in plan.providers if p.account == "sms-main"]
+    assert plan.window == "mon-fri 09:00-19:00 Europe/Paris (holidays FR)"
+    assert (sms.units, sms.per_second, sms.sending) == (60, 10.0, timedelta(seconds=6))
+    # Now is 08:00: the window opens at 09:00.
+    assert sms.starts_at == paris(1, 9) and sms.done_by == paris(1, 9, 0, 6)
+    # Thursday 24 December at 18:59:57: 3 s that evening, Friday 25 is Christmas, then the weekend.
+    late = plan_of(path, now=paris(24, 18, 59, 57))
+    (sms,) = [p for p in late.providers if p.account == "sms-main"]
+    assert sms.starts_at == paris(24, 18, 59, 57)
+    assert sms.done_by == paris(28, 9, 0, 3)
+
+
+def test_marketing_campaigns_get_the_default_window(tmp_path: Path) -> None:
+    rows = "1;Jean;70;0612345678;\n"
+    sunday = paris(6, 12)
+    plan = plan_of(project(tmp_path, rows, campaign_extra="category: marketing\n"), now=sunday)
+    assert plan.window == "mon-sat 08:00-20:00 Europe/Paris (holidays FR)"
+    assert plan.done_by is not None and plan.done_by > paris(7, 8) and plan.done_by < paris(7, 8, 1)
+    (tmp_path / "info").mkdir()
+    information = plan_of(project(tmp_path / "info", rows), now=sunday)
+    assert information.window is None and information.done_by == sunday + timedelta(seconds=0.1)
+
+
+def test_schedule_at_is_the_start(tmp_path: Path) -> None:
+    rows = "".join(f"{i};Jean;70;;p{i}@example.fr\n" for i in range(10))
+    extra = "schedule:\n  at: 2026-12-15T10:00:00+01:00\n"
+    path = project(tmp_path, rows, campaign_extra=extra)
+    plan = plan_of(path)
+    assert plan.scheduled and plan.start == paris(15, 10)
+    (mail,) = [p for p in plan.providers if p.account == "mail"]
+    assert mail.done_by == paris(15, 10, 0, 5)
+    # A schedule.at already past: the run would start now.
+    past = plan_of(path, now=paris(16, 10))
+    assert not past.scheduled and past.start == paris(16, 10)
+
+
+def test_plan_shows_rate_quota_window_and_eta(
+    tmp_path: Path, run_cli: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    rows = "".join(f"{i};Jean;70;06123456{i:02d};p{i}@example.fr\n" for i in range(30))
+    window = 'schedule:\n  window: {days: mon-fri, hours: "09:00-19:00", holidays: FR-57}\n'
+    path = project(tmp_path, rows, campaign_extra=window, strategy="all")
+    result = run_cli("plan", path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # the terminal may wrap long lines
+    assert "sms-main: 30 SMS parts at 10/s → 3 s of sending; window mon-fri 09:00-19:00 Europe/Paris" in text
+    assert "mail: 30 messages at 2/s, quota 100/day → 15 s of sending; window" in text
+    assert "(holidays FR-57)" in text and ", done by " in text
+    assert "Estimated duration:" in text and "send windows counted" in text
+    as_json = json.loads(run_cli("plan", path, "--json", cwd=tmp_path).stdout)
+    (mail,) = [p for p in as_json["providers"] if p["account"] == "mail"]
+    assert mail["rate"] == "2/s" and mail["rate_per_s"] == 2.0 and mail["daily_quota"] == 100
+    assert mail["sending_s"] == 15 and mail["starts_at"] and mail["done_by"]
+    assert as_json["window"] == "mon-fri 09:00-19:00 Europe/Paris (holidays FR-57)"
+    start = datetime.fromisoformat(as_json["start"])
+    assert datetime.fromisoformat(as_json["done_by"]) >= start + timedelta(seconds=15)
+    assert start.tzinfo is not None and abs(start - datetime.now(UTC)) < timedelta(minutes=5)
 
 
 @pytest.mark.parametrize("size,segments", [(2, 3), (500, 1)])
