@@ -8,19 +8,34 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+from zoneinfo import ZoneInfo
 
 import click
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from smartpush.campaign import Campaign, Window
 from smartpush.config import Config
 from smartpush.launch import Launch
-from smartpush.ledger import FAILED, FINAL, MessageRecord, RunRecord, RunState, Status
+from smartpush.ledger import FAILED, FINAL, Ledger, MessageRecord, RunRecord, RunState, Status
 from smartpush.loading import PreparedCampaign
+from smartpush.provider import SmsProviderOptions
+from smartpush.ratelimit import DAILY_QUOTA_CODE
+from smartpush.windows import (
+    describe,
+    describe_moment,
+    effective_window,
+    finish_time,
+    is_holiday,
+    local_midnight_after,
+    next_opening,
+)
 
 from .output import err, out
 
@@ -39,6 +54,233 @@ REPORT_COLUMNS = [
 ]
 #: Shown first, in this order, in tables; other statuses follow.
 STATUS_ORDER = [s.value for s in Status]
+
+
+# What a running run waits for, per provider account ----------------------------------------------
+#: Messages handed to an account over this many seconds make its current rate.
+RATE_WINDOW_S = 60
+
+
+@dataclass
+class AccountStatus:
+    """One provider account's part of a run, as ``status`` shows it."""
+
+    account: str
+    #: Messages handed to the account over the last :data:`RATE_WINDOW_S` seconds, per second.
+    current_per_s: float
+    rate: str | None = None
+    per_second: float | None = None
+    daily_quota: int | None = None
+    unit: str = "messages"
+    #: Messages still to hand over (``created`` or ``sending``), of which ``held`` wait for the quota.
+    left: int = 0
+    held: int = 0
+    #: Fallback messages that go out only if the channels before them fail.
+    fallbacks: int = 0
+    sent_today: int = 0
+    done_by: datetime | None = None
+
+
+@dataclass
+class RunStatus:
+    """Per provider account rates and ETA of a run, and what it waits for (a window, a quota)."""
+
+    now: datetime
+    #: The config's time zone: where daily quotas reset at midnight.
+    timezone: str
+    window: Window | None = None
+    #: Set when the window is closed now: when it opens again (None with ``never_opens``).
+    window_opens_at: datetime | None = None
+    never_opens: bool = False
+    accounts: list[AccountStatus] = field(default_factory=list)
+    quota_resets_at: datetime | None = None
+    done_by: datetime | None = None
+    note: str | None = None
+
+    @property
+    def display_timezone(self) -> str:
+        return self.window.timezone if self.window is not None else self.timezone
+
+    def _when(self, at: datetime, *, up: bool = False) -> str:
+        if up and (at.second or at.microsecond):
+            at = at.replace(second=0, microsecond=0) + timedelta(minutes=1)
+        return f"{describe_moment(at, self.display_timezone, now=self.now)} {self.display_timezone}"
+
+    def waiting(self) -> list[str]:
+        """What holds the run back now, in words."""
+        found = []
+        if self.never_opens and self.window is not None:
+            found.append(f"its send window never opens ({describe(self.window)}): check schedule.window")
+        elif self.window_opens_at is not None and self.window is not None:
+            today = self.now.astimezone(ZoneInfo(self.window.timezone)).date()
+            holiday = " (a public holiday today)" if is_holiday(self.window.holidays, today) else ""
+            found.append(
+                f"outside its send window{holiday} until {self._when(self.window_opens_at)} "
+                f"— window {describe(self.window)}"
+            )
+        resets = self.quota_resets_at
+        for a in self.accounts:
+            if a.held and resets is not None:
+                local = resets.astimezone(ZoneInfo(self.timezone))
+                found.append(
+                    f"{a.held:,} messages wait for account {a.account}'s daily quota "
+                    f"(resets at {local:%H:%M} {self.timezone})"
+                )
+        return found
+
+    def lines(self) -> list[str]:
+        out_ = [f"Waiting: {w}" for w in self.waiting()]
+        if self.note:
+            out_.append(self.note)
+        for a in self.accounts:
+            limits = ", ".join(
+                x
+                for x in (
+                    f"rate {a.rate}" if a.rate else "no rate limit set",
+                    _quota_text(a) if a.daily_quota else "",
+                )
+                if x
+            )
+            text = f"  {a.account}: {a.current_per_s:,.1f}/s over the last {RATE_WINDOW_S} s ({limits})"
+            if a.left:
+                parts = " (counting one SMS part a message)" if a.unit == "parts" else ""
+                text += f"; {a.left:,} messages left"
+                if a.done_by is not None:
+                    text += f" → done by {self._when(a.done_by, up=True)}{parts}"
+            if a.fallbacks:
+                text += f"; {a.fallbacks:,} fallbacks in reserve"
+            out_.append(text)
+        if self.accounts:
+            out_.insert(len(out_) - len(self.accounts), "Provider accounts (rate now, limits, ETA):")
+        if self.done_by is not None:
+            out_.append(
+                f"Expected done by {self._when(self.done_by, up=True)} (rates, quotas and window counted)"
+            )
+        return out_
+
+    def as_dict(self) -> dict[str, Any]:
+        waiting: list[dict[str, Any]] = []
+        if self.window_opens_at is not None or self.never_opens:
+            waiting.append({"reason": "send-window", "until": _iso(self.window_opens_at)})
+        waiting.extend(
+            {
+                "reason": DAILY_QUOTA_CODE,
+                "account": a.account,
+                "messages": a.held,
+                "resets_at": _iso(self.quota_resets_at),
+            }
+            for a in self.accounts
+            if a.held
+        )
+        return {
+            "window": describe(self.window) if self.window is not None else None,
+            "waiting": waiting,
+            "waiting_text": self.waiting(),
+            "providers": [
+                {
+                    "account": a.account,
+                    "current_rate_per_s": round(a.current_per_s, 2),
+                    "rate": a.rate,
+                    "rate_per_s": a.per_second,
+                    "daily_quota": a.daily_quota,
+                    "sent_today": a.sent_today,
+                    "left": a.left,
+                    "waiting_for_quota": a.held,
+                    "fallbacks": a.fallbacks,
+                    "done_by": _iso(a.done_by),
+                    "eta_s": _seconds_until(self.now, a.done_by),
+                }
+                for a in self.accounts
+            ],
+            "done_by": _iso(self.done_by),
+            "done_in_s": _seconds_until(self.now, self.done_by),
+        }
+
+
+def _quota_text(a: AccountStatus) -> str:
+    if a.held:
+        return f"quota {a.daily_quota:,}/day, used up today"
+    return f"quota {a.daily_quota:,}/day, {a.sent_today:,} sent today by this run"
+
+
+def _seconds_until(now: datetime, at: datetime | None) -> int | None:
+    return max(0, int((at - now).total_seconds() + 0.999)) if at is not None else None
+
+
+def _campaign_of(run: RunRecord) -> Campaign | None:
+    """The run's campaign as its file says now (only its shape: no audience, no templates)."""
+    from pydantic import ValidationError
+
+    from smartpush.errors import SmartpushError
+    from smartpush.yamlfile import load
+
+    try:
+        raw, _ = load(Path(run.campaign_file), run.campaign_file)
+        return Campaign.model_validate(raw)
+    except (SmartpushError, ValidationError, OSError):
+        return None
+
+
+def run_status(
+    run: RunRecord, ledger: Ledger, config: Config, now: datetime | None = None
+) -> RunStatus | None:
+    """What a run that is not over yet does per provider account, and what it waits for.
+
+    Current rate: messages the run handed to each account over the last minute (``sent_at``). ETA:
+    the messages left (``created``/``sending``) at the account's ``rate``, within the campaign's send
+    window, under its ``daily_quota`` (calendar days in the config's ``timezone``; the run's own sends
+    since local midnight count as today's use, all of it while messages wait for the quota). None
+    for a finished or cancelled run.
+    """
+    if run.state in (RunState.FINISHED, RunState.CANCELLED):
+        return None
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    tz = config.settings.timezone
+    campaign = _campaign_of(run)
+    view = RunStatus(now=now, timezone=tz)
+    if campaign is None:
+        view.note = f"The campaign file {run.campaign_file} cannot be read now: its send window is not shown."
+    else:
+        view.window = effective_window(campaign)
+    if view.window is not None:
+        opens = next_opening(view.window, now)
+        view.never_opens = opens is None
+        view.window_opens_at = opens if opens is not None and opens > now else None
+    resets = local_midnight_after(now, tz)
+    today = datetime.combine(
+        resets.astimezone(ZoneInfo(tz)).date() - timedelta(days=1), time(0), ZoneInfo(tz)
+    )
+    since = max(now - timedelta(seconds=RATE_WINDOW_S), run.started_at or now - timedelta(seconds=1))
+    window_s = max((now - since).total_seconds(), 1.0)
+    sent = ledger.sent_per_provider(run.id, [since, today])
+    unsent = ledger.unsent_per_provider(run.id, DAILY_QUOTA_CODE, now)
+    ends: list[datetime | None] = []
+    for account in sorted(set(sent) | set(unsent)):
+        recent, today_n = sent.get(account, [0, 0])
+        counts = unsent.get(account, {})
+        a = AccountStatus(account, current_per_s=recent / window_s, sent_today=today_n)
+        a.left = counts.get(Status.CREATED.value, 0) + counts.get(Status.SENDING.value, 0)
+        a.held = counts.get(DAILY_QUOTA_CODE, 0)
+        a.fallbacks = counts.get(Status.WAITING.value, 0)
+        options = config.accounts.get(account)
+        if options is not None:
+            a.rate = str(options.rate) if options.rate is not None else None
+            a.per_second = options.messages_per_second
+            a.daily_quota = options.daily_quota
+            if isinstance(options, SmsProviderOptions) and options.rate_unit == "parts":
+                a.unit = "parts"
+        if a.left and run.state is not RunState.PAUSED and not view.never_opens:
+            used = a.daily_quota if a.held and a.daily_quota else a.sent_today
+            a.done_by = finish_time(
+                view.window, now, a.left, a.per_second, a.daily_quota, quota_timezone=tz, used_today=used
+            )
+            ends.append(a.done_by)
+        view.accounts.append(a)
+    if any(a.held for a in view.accounts):
+        view.quota_resets_at = resets
+    if ends and all(e is not None for e in ends):
+        view.done_by = max(e for e in ends if e is not None)
+    return view
 
 
 def confirm(prepared: PreparedCampaign, config: Config) -> None:
@@ -95,7 +337,10 @@ def pace(run: RunRecord, total: int, final: int) -> tuple[float | None, int | No
     return rate, int((total - final) / rate)
 
 
-def run_dict(run: RunRecord, counts: dict[tuple[str, Status], int]) -> dict[str, Any]:
+def run_dict(
+    run: RunRecord, counts: dict[tuple[str, Status], int], view: RunStatus | None = None
+) -> dict[str, Any]:
+    """The run for ``--json``; with ``view`` (``status``), per account rates, ETA and what it waits for."""
     total = sum(counts.values())
     final = sum(n for (_, s), n in counts.items() if s in FINAL)
     rate, eta = pace(run, total, final)
@@ -117,6 +362,7 @@ def run_dict(run: RunRecord, counts: dict[tuple[str, Status], int]) -> dict[str,
         "created_at": _iso(run.created_at),
         "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at),
+        **(view.as_dict() if view is not None else {}),
     }
 
 
@@ -184,7 +430,7 @@ class Progress:
             err.print(head)
 
 
-def summary(run: RunRecord, counts: dict[tuple[str, Status], int]) -> None:
+def summary(run: RunRecord, counts: dict[tuple[str, Status], int], view: RunStatus | None = None) -> None:
     d = run_dict(run, counts)
     pace_text = ""
     if d["rate_per_s"] is not None:
@@ -195,6 +441,9 @@ def summary(run: RunRecord, counts: dict[tuple[str, Status], int]) -> None:
     )
     if counts:
         out.print(_counts_table(counts))
+    if view is not None:
+        for line in view.lines():
+            out.print(escape(line))
     if run.state is RunState.PAUSED:
         out.print("Paused: `smartpush resume " + run.id + "` continues it.")
 

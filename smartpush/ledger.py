@@ -961,6 +961,56 @@ class Ledger:
                 found.update(conn.execute(stmt).scalars())
         return found
 
+    # Visibility: what `status` shows per provider account ----------------------------------------
+    def sent_per_provider(self, run_id: str, since: Sequence[datetime]) -> dict[str, list[int]]:
+        """Per provider account, the run's messages handed to it (``sent_at``) since each of ``since``.
+
+        ``{"sms-main": [n since since[0], n since since[1], ...]}``. Reads only the run's messages in a
+        status that keeps ``sent_at``, through the (run, status) index.
+        """
+        from sqlalchemy import case
+
+        if not since:
+            return {}
+        handed = [
+            s.value
+            for s in (Status.SENT, Status.DELIVERED, Status.PERMANENT_FAILURE, Status.TEMPORARY_FAILURE)
+        ]
+        sent_at = messages_t.c.sent_at
+        stmt = (
+            select(messages_t.c.provider, *(func.sum(case((sent_at >= t, 1), else_=0)) for t in since))
+            .where(messages_t.c.run_id == run_id, messages_t.c.status.in_(handed), sent_at >= min(since))
+            .group_by(messages_t.c.provider)
+        )
+        with self._tx(write=False) as conn:
+            return {row[0]: [int(n or 0) for n in row[1:]] for row in conn.execute(stmt)}
+
+    def unsent_per_provider(self, run_id: str, held_code: str, now: datetime) -> dict[str, dict[str, int]]:
+        """Per provider account, the run's messages not handed over yet, by status.
+
+        ``{"sms-main": {"created": n, "sending": n, "waiting": n, held_code: n}}``: the ``held_code``
+        entry counts the ``created`` messages whose ``error_code`` is ``held_code`` and that are not due
+        before ``now`` (held back by a daily quota until it resets). Reads only ``created``,
+        ``waiting`` and ``sending`` messages, through the (run, status) index.
+        """
+        from sqlalchemy import case
+
+        held_back = and_(messages_t.c.error_code == held_code, messages_t.c.next_attempt_at > now)
+        held = func.sum(case((held_back, 1), else_=0))
+        stmt = (
+            select(messages_t.c.provider, messages_t.c.status, func.count(), held)
+            .where(messages_t.c.run_id == run_id, messages_t.c.status.in_(_ACTIVE))
+            .group_by(messages_t.c.provider, messages_t.c.status)
+        )
+        found: dict[str, dict[str, int]] = {}
+        with self._tx(write=False) as conn:
+            for provider, status, n, n_held in conn.execute(stmt):
+                counts = found.setdefault(provider, {})
+                counts[status] = int(n)
+                if status == Status.CREATED.value:
+                    counts[held_code] = int(n_held or 0)
+        return found
+
 
 def _chunks(items: Sequence[T], size: int = _IN_CHUNK) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
