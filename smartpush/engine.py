@@ -46,7 +46,20 @@ class Engine:
 
     def handle(self, run_id: str, segment: int) -> None:
         """The body of the segment actor."""
-        process_segment(self.rt, self._enqueue_later, run_id, segment)
+        priority = self.priority(run_id)
+
+        def should_yield() -> bool:  # after each batch: give the thread to a waiting higher priority
+            if not self.dispatcher.backlog.waiting_before(priority):
+                return False
+            logger.info(
+                "run %s segment %d (%s) yields its thread to waiting segments of a higher priority",
+                run_id,
+                segment,
+                priority,
+            )
+            return True
+
+        process_segment(self.rt, self._enqueue_later, run_id, segment, should_yield=should_yield)
 
     def priority(self, run_id: str) -> str:
         if run_id not in self._priorities:

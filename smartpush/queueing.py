@@ -5,11 +5,16 @@ Distributed (``broker: redis://…``): Dramatiq's RedisBroker, tuned so that a k
 come back within seconds, not minutes (``research/ecosystem.md`` §1.2).
 
 One Dramatiq message is one segment: ``send_segment(run_id, segment)``. Each priority has its own
-queue so ``urgent`` never waits behind ``bulk``.
+queue and its own actor priority, so ``urgent`` never waits behind ``bulk``: a worker process runs the
+urgent segments it has fetched first, and a running bulk or normal segment gives its thread up after
+its current batch when :class:`Backlog` sees higher-priority segments waiting for one.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +25,9 @@ from .campaign import Priority
 from .config import Config
 from .errors import ConfigError, InfrastructureError
 
-__all__ = ["Dispatcher", "queue_name"]
+__all__ = ["ACTOR_PRIORITY", "Backlog", "Dispatcher", "queue_name"]
+
+logger = logging.getLogger("smartpush.queueing")
 
 #: A dead worker's unacknowledged segments are requeued after this long without a heartbeat.
 #: Dramatiq's default (60 s) plus its 0.1 % maintenance chance left them stranded for minutes.
@@ -33,6 +40,12 @@ ACTOR_MIN_BACKOFF_MS = 1_000
 ACTOR_MAX_BACKOFF_MS = 60_000
 #: Dramatiq interrupts a segment after this long; the actor itself yields after SEGMENT_SLICE_S.
 ACTOR_TIME_LIMIT_MS = 5 * 60_000
+#: Dramatiq's actor ``priority`` of each campaign priority: among the segments a worker process has
+#: fetched (its prefetch), the lowest number runs first.
+ACTOR_PRIORITY = {Priority.URGENT.value: 0, Priority.NORMAL.value: 10, Priority.BULK.value: 20}
+#: A broker queue's length is read at most this often per process: every worker thread asks after
+#: every batch, and a message that has just arrived is fetched within Dramatiq's 1 s idle poll anyway.
+QUEUE_LENGTH_TTL_S = 0.5
 
 Handler = Callable[[str, int], None]
 
@@ -76,12 +89,84 @@ def make_broker(config: Config) -> dramatiq.Broker:
     return broker
 
 
+class Backlog(dramatiq.Middleware):
+    """Whether segments of a higher priority wait for a worker thread of this process.
+
+    Two places are looked at, both cheap. First the process's own work queue: Dramatiq's consumers
+    fetch each queue's messages ahead of time (``dramatiq_queue_prefetch`` per queue), so an urgent
+    segment leaves Redis within a second and then waits in memory for a free thread; that is where a
+    busy worker finds it. Then the broker's queues this process serves (Redis ``LLEN`` or the stub
+    queue's size, cached for :data:`QUEUE_LENGTH_TTL_S`), for segments no consumer has fetched yet.
+    Outside a worker (no Dramatiq ``Worker`` started in this process) nothing is ever waiting.
+    """
+
+    def __init__(self, broker: dramatiq.Broker) -> None:
+        self.broker = broker
+        self.worker: dramatiq.Worker | None = None
+        self._lengths: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self.worker = worker
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self.worker is worker:
+            self.worker = None
+
+    def waiting_before(self, priority: str) -> bool:
+        """Whether a segment of a higher priority than ``priority`` waits for a thread."""
+        rank = ACTOR_PRIORITY[priority]
+        higher = [p for p, r in ACTOR_PRIORITY.items() if r < rank]
+        worker = self.worker
+        if not higher or worker is None:
+            return False
+        work = worker.work_queue
+        with work.mutex:  # a heap: its first item is the next one a free thread takes
+            head = work.queue[0].priority if work.queue else None
+        if head is not None and head < rank:
+            return True
+        served = worker.consumer_whitelist or self.broker.get_declared_queues()
+        return any(self.length(queue_name(p)) > 0 for p in higher if queue_name(p) in served)
+
+    def length(self, queue: str) -> int:
+        """Messages ready in the broker's ``queue`` (not delayed, not yet fetched); cached briefly."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._lengths.get(queue)
+            if cached is not None and now - cached[0] < QUEUE_LENGTH_TTL_S:
+                return cached[1]
+            # Other threads keep the last answer while this one asks the broker.
+            self._lengths[queue] = (now, cached[1] if cached is not None else 0)
+        try:
+            length = self._read_length(queue)
+        except Exception as exc:  # a broker hiccup must not stop a segment: assume nothing waits
+            logger.debug("length of queue %s unknown (%s)", queue, type(exc).__name__)
+            length = 0
+        with self._lock:
+            self._lengths[queue] = (time.monotonic(), length)
+        return length
+
+    def _read_length(self, queue: str) -> int:
+        broker: Any = self.broker
+        if isinstance(broker, StubBroker):
+            stub = broker.queues.get(queue)
+            return stub.qsize() if stub is not None else 0
+        client = getattr(broker, "client", None)
+        if client is None:  # another broker type: only the process's own work queue is looked at
+            return 0
+        return int(client.llen(f"{broker.namespace}:{queue}"))
+
+
 class Dispatcher:
     """The segment actors of one process, bound to its broker and to ``handler``."""
 
     def __init__(self, config: Config, handler: Handler, broker: dramatiq.Broker | None = None) -> None:
         self.broker = broker or make_broker(config)
         self.url = config.settings.broker or "(embedded)"
+        found = [m for m in self.broker.middleware if isinstance(m, Backlog)]
+        self.backlog = found[0] if found else Backlog(self.broker)
+        if not found:
+            self.broker.add_middleware(self.backlog)
         self.actors: dict[str, dramatiq.Actor[Any, Any]] = {}
         for priority in Priority:
             name = f"send_segment_{priority.value}"
@@ -93,6 +178,7 @@ class Dispatcher:
             self.actors[priority.value] = dramatiq.actor(
                 actor_name=name,
                 queue_name=queue_name(priority.value),
+                priority=ACTOR_PRIORITY[priority.value],
                 broker=self.broker,
                 max_retries=ACTOR_MAX_RETRIES,
                 min_backoff=ACTOR_MIN_BACKOFF_MS,
