@@ -51,10 +51,10 @@ DAILY_QUOTA_CODE = "daily-quota"
 #: The bucket holds at most this share of a second's units: the burst a provider may see.
 BURST_SECONDS = 0.1
 #: A process reserves units at most this far ahead of the store's clock.
-HORIZON_SECONDS = 0.1
+HORIZON_SECONDS = 0.2
 #: A reserved unit not used within this long after its moment is given back (its quota refunded)
 #: instead of being sent late next to fresh ones, which would exceed the burst.
-STALE_SECONDS = 0.05
+STALE_SECONDS = 0.02
 #: How long a cluster-wide concurrency slot is held at most when its holder dies without releasing.
 LEASE_MARGIN_SECONDS = 5.0
 #: Waiting for a cluster-wide concurrency slot: first and longest poll interval.
@@ -488,6 +488,8 @@ class AccountLimiter:
         self._slots: asyncio.Semaphore | None = None
         self.waited_s = 0.0
         self.reservations = 0
+        #: Units given up because this process reached them too late (see STALE_SECONDS).
+        self.dropped = 0
 
     # -- waiting for units -------------------------------------------------------------------------
 
@@ -561,6 +563,12 @@ class AccountLimiter:
                     continue  # paused while sleeping: the waiter waits for the pause to end
                 if waiter.future.done():  # cancelled meanwhile: the units go to the next waiter
                     self._stock.extendleft([moment] * waiter.units)
+                    continue
+                if self.clock() - moment > STALE_SECONDS:
+                    # This process fell behind (a busy event loop, a pause of the whole machine): sent
+                    # now, these units would bunch with the ones every other worker sends on time.
+                    await self._refund(waiter.units)
+                    self.dropped += waiter.units
                     continue
                 self._remove(waiter)
                 waiter.future.set_result(None)

@@ -35,6 +35,8 @@ T = TypeVar("T")
 
 #: How long a process trusts its last reading of a run's state (pause, cancel) before reading it again.
 RUN_STATE_TTL_S = 0.5
+#: The oldest reading a message about to leave may rely on while a fresh one is read.
+RUN_STATE_MAX_AGE_S = 2.0
 
 
 def _local_midnight(wall: datetime, config: Config) -> datetime:
@@ -79,6 +81,7 @@ class Runtime:
         self._campaigns: dict[str, PreparedCampaign] = {}
         self._evaluators: dict[str, Evaluator] = {}
         self._run_states: dict[str, tuple[float, bool]] = {}
+        self._reading: dict[str, asyncio.Task[bool]] = {}
         self._loop: _LoopThread | None = None
         self._key = config.secret_key()
         failover = config.settings.failover
@@ -174,6 +177,27 @@ class Runtime:
         if cached is not None and time.monotonic() - cached[0] < RUN_STATE_TTL_S:
             return cached[1]
         return None
+
+    async def still_sending(self, run_id: str) -> bool:
+        """:meth:`sending_allowed` for the event loop, without a database read in the way of a send.
+
+        A reading younger than :data:`RUN_STATE_TTL_S` is used as is; one younger than
+        :data:`RUN_STATE_MAX_AGE_S` is used while a fresh one is read in the background (a message
+        that has just been given its rate-limit slot must leave now, not after a query: late sends
+        bunch up and break the rate); an older one is read before answering.
+        """
+        cached = self._run_states.get(run_id)
+        age = time.monotonic() - cached[0] if cached is not None else RUN_STATE_MAX_AGE_S
+        if cached is not None and age < RUN_STATE_TTL_S:
+            return cached[1]
+        reading = self._reading.get(run_id)
+        if reading is None:  # one read at a time per run, however many messages ask
+            reading = asyncio.get_running_loop().create_task(asyncio.to_thread(self.sending_allowed, run_id))
+            self._reading[run_id] = reading
+            reading.add_done_callback(lambda _: self._reading.pop(run_id, None))
+        if cached is not None and age < RUN_STATE_MAX_AGE_S:
+            return cached[1]
+        return await asyncio.shield(reading)
 
     def evaluator(self, run: RunRecord, prepared: PreparedCampaign) -> Evaluator:
         """One evaluator per run and process (it holds the compiled templates' render state)."""

@@ -361,6 +361,9 @@ async def _send_one(
     options = rt.config.account(account)
     units = parts if getattr(options, "rate_unit", "messages") == "parts" else 1
     retry = prepared.campaign.retry
+    provider = rt.provider(account)  # built before waiting: a driver's first use may take a while
+    if not await rt.still_sending(message.run_id):
+        return Result(message.id, Status.CREATED, attempted=False)
     try:
         await limiter.acquire(units, priority=prepared.campaign.priority.value, group=message.run_id)
     except QuotaExhausted as exc:
@@ -372,13 +375,10 @@ async def _send_one(
     try:
         async with limiter.slot():
             # The rate limit may have held this message for a while: is the run still sending?
-            allowed = rt.known_sending_allowed(message.run_id)
-            if allowed is None:  # stale: read the ledger off the event loop
-                allowed = await asyncio.to_thread(rt.sending_allowed, message.run_id)
-            if not allowed:
+            if not await rt.still_sending(message.run_id):
                 await limiter.give_back(units)
                 return Result(message.id, Status.CREATED, attempted=False)
-            result = await rt.provider(account).send(outbound)
+            result = await provider.send(outbound)
     except ThrottledError as exc:
         wait = exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_THROTTLE_WAIT_S
         # Back-pressure: the whole account pauses, in every worker, not just this message.

@@ -93,7 +93,9 @@ def make_store(kind: str, clock: FakeClock, prefix: str) -> Any:
 
 
 def limiter(bucket: Bucket, store: Any, clock: FakeClock, **kw: Any) -> AccountLimiter:
-    return AccountLimiter(bucket, store, concurrency=100, clock=clock, sleep=clock.sleep, wall=clock.wall, **kw)
+    return AccountLimiter(
+        bucket, store, concurrency=100, clock=clock, sleep=clock.sleep, wall=clock.wall, **kw
+    )
 
 
 async def send_all(lim: AccountLimiter, clock: FakeClock, n: int, units: int = 1, **kw: Any) -> list[float]:
@@ -127,7 +129,7 @@ def test_an_idle_bucket_allows_a_tenth_of_a_second_at_once_then_paces() -> None:
 
 def test_no_grant_smaller_than_the_batch_says_when_to_ask_again() -> None:
     bucket = Bucket("sms", 50.0)
-    tat, full = reserve(0.0, 100.0, bucket, demand=100, minimum=5, quota_left=None)
+    tat, _ = reserve(0.0, 100.0, bucket, demand=100, minimum=5, quota_left=None)
     tat2, none = reserve(tat, 100.0, bucket, demand=100, minimum=5, quota_left=None)
     assert none.count == 0 and tat2 == tat
     _, later = reserve(tat, none.first, bucket, demand=100, minimum=5, quota_left=None)
@@ -382,7 +384,7 @@ def test_lua_and_python_agree(
         redis_store._client = None  # a fresh connection on this test's event loop
         for advance, demand, minimum, pause in steps:
             clock.t += advance
-            if pause > 1.9:  # noqa: PLR2004 - now and then, a throttle pause
+            if pause > 1.9:  # now and then, a throttle pause
                 await memory.pause(bucket, pause)
                 await redis_store.pause(bucket, pause)
             want = await memory.reserve(bucket, demand, min(minimum, demand), day)
