@@ -358,3 +358,50 @@ def test_dead_addresses_go_on_the_suppression_list(
     alive = recipient_hash(key, "sms", "+33612345601")
     assert h.ledger.suppressed("sms", {dead, alive}) == {dead}
     assert h.statuses(run_id)["sms"] == {"sent": 3, "permanent-failure": 1}
+
+
+def test_time_spent_waiting_for_the_rate_is_counted_per_provider(
+    tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def waited() -> float:
+        value = REGISTRY.get_sample_value("smartpush_rate_limit_wait_seconds_total", {"provider": "sms"})
+        return value or 0.0
+
+    before = waited()
+    h = start(harness_factory, make_project(tmp_path, server, rows=30, size=30, sms_rate="20/s"))
+    run_id = h.launch()
+    h.wait(run_id)
+    # 30 messages at 20/s: two at once (the burst), then one every 50 ms, so the waits add up to
+    # about 0.05 + 0.10 + ... + 1.40 s: 21 s in all, whatever the order.
+    assert waited() - before == pytest.approx(sum(0.05 * i for i in range(1, 29)), rel=0.2)
+
+
+def test_a_daily_quota_counts_what_an_earlier_process_sent_today(
+    tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
+) -> None:
+    campaign = make_project(tmp_path, server, rows=10, size=10, sms_rate="1000/s\n    daily_quota: 15")
+    first = start(harness_factory, campaign)
+    first_run = first.launch(key="one")
+    first.wait(first_run)
+    first.close()
+    harness_factory.remove(first)
+    # A new process (embedded `send` again, the same day): its count starts from the ledger.
+    second = start(harness_factory, campaign)
+    run_id = second.launch(key="two")
+
+    def settled() -> bool:
+        held = [m for m in second.ledger.messages(run_id) if m.error_code == "daily-quota"]
+        return len(held) + second.statuses(run_id)["sms"].get("sent", 0) == 10
+
+    deadline = time.monotonic() + 20
+    while not settled() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert second.statuses(run_id)["sms"] == {"sent": 5, "created": 5}
+    waiting = [m for m in second.ledger.messages(run_id) if m.status is Status.CREATED]
+    assert {m.error_code for m in waiting} == {"daily-quota"}
+    tomorrow = waiting[0].next_attempt_at
+    assert tomorrow is not None and tomorrow > datetime.now(UTC)
+    assert "daily quota of 15" in (waiting[0].error_text or "")
+    assert len(server.requests) == 15
