@@ -79,6 +79,8 @@ class AccountStatus:
     fallbacks: int = 0
     sent_today: int = 0
     done_by: datetime | None = None
+    #: Whether the config names this account (a run may outlive an account's entry).
+    known: bool = True
 
 
 @dataclass
@@ -136,7 +138,11 @@ class RunStatus:
             limits = ", ".join(
                 x
                 for x in (
-                    f"rate {a.rate}" if a.rate else "no rate limit set",
+                    "not in this config"
+                    if not a.known
+                    else f"rate {a.rate}"
+                    if a.rate
+                    else "no rate limit set",
                     _quota_text(a) if a.daily_quota else "",
                 )
                 if x
@@ -263,6 +269,7 @@ def run_status(
         a.held = counts.get(DAILY_QUOTA_CODE, 0)
         a.fallbacks = counts.get(Status.WAITING.value, 0)
         options = config.accounts.get(account)
+        a.known = options is not None
         if options is not None:
             a.rate = str(options.rate) if options.rate is not None else None
             a.per_second = options.messages_per_second
