@@ -426,3 +426,25 @@ def test_the_wait_is_reported_for_the_metric(clock: FakeClock) -> None:
 
     run(main())
     assert sum(waits) == pytest.approx(sum(i / 10 for i in range(1, 21)), abs=0.05)
+
+
+def test_an_account_s_limits_come_from_smartpush_yaml(tmp_path: Any) -> None:
+    from smartpush.config import load_config
+    from smartpush.runtime import Runtime
+
+    (tmp_path / "smartpush.yaml").write_text(
+        f"database: sqlite:///{tmp_path / 'l.db'}\ntimezone: America/Cayenne\n"
+        "providers:\n  sms:\n    type: webhook\n    base_url: http://127.0.0.1:9\n"
+        "    rate: 6000/min\n    daily_quota: 250000\n    cluster_concurrency: 4\n    timeout: 10s\n",
+        encoding="utf-8",
+    )
+    rt = Runtime(load_config(tmp_path / "smartpush.yaml", env={}))
+    try:
+        bucket = rt.bucket("sms")
+        assert bucket.per_second == pytest.approx(100.0)
+        assert (bucket.daily_quota, bucket.cluster_concurrency) == (250000, 4)
+        assert bucket.timezone == "America/Cayenne"  # the quota's day is the config's local day
+        assert bucket.lease_s == pytest.approx(15.0)  # the timeout plus a margin
+        assert isinstance(rt.limit_store, MemoryStore)  # no broker: embedded, in this process
+    finally:
+        rt.close()
