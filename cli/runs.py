@@ -165,14 +165,15 @@ def _follow(
     return counts
 
 
-def _print_run(state: State, ledger: Ledger, run_id: str) -> None:
+def _print_run(state: State, ledger: Ledger, run_id: str, config: Config | None = None) -> None:
     run = ledger.get_run(run_id)
     assert run is not None  # noqa: S101
     counts = ledger.counts(run_id)
+    view = runview.run_status(run, ledger, config) if config is not None else None
     if state.json:
-        output.print_json(runview.run_dict(run, counts))
+        output.print_json(runview.run_dict(run, counts, view))
     else:
-        runview.summary(run, counts)
+        runview.summary(run, counts, view)
 
 
 #: Segments a worker thread holds in reserve. Dramatiq's default (2 per thread) leaves more segments
@@ -238,7 +239,7 @@ def status(state: State, ref: str, watch: bool) -> None:
         if watch and run.state not in (RunState.FINISHED, RunState.CANCELLED):
             _follow(state, ledger, run.id)
             return
-        _print_run(state, ledger, run.id)
+        _print_run(state, ledger, run.id, config)
 
 
 def control(state: State, action: str, ref: str) -> None:
