@@ -26,7 +26,7 @@ from smartpush.engine import Engine
 from smartpush.launch import launch
 from smartpush.ledger import Ledger, Status
 from smartpush.loading import load_campaign
-from smartpush.queueing import ACTOR_PRIORITY
+from smartpush.queueing import ACTOR_PRIORITY, Backlog
 from smartpush.testing import FakeProviderServer
 
 REDIS_DB = 12  # tests/test_distributed.py uses 9, the benchmarks 10
@@ -73,9 +73,19 @@ def redis_url() -> str:
 
 
 def _project(
-    root: Path, settings: str, bulk_url: str, urgent_url: str, *, bulk_rows: int, bulk_segment: int
+    root: Path,
+    settings: str,
+    bulk_url: str,
+    urgent_url: str,
+    *,
+    bulk_rows: int,
+    bulk_segment: int,
+    priorities: tuple[str, str] = ("bulk", "urgent"),
 ) -> Path:
-    """smartpush.yaml (``settings`` + a slow bulk account, an alert account), bulk.yaml, urgent.yaml."""
+    """smartpush.yaml (``settings`` + a slow bulk account, an alert account), bulk.yaml, urgent.yaml.
+
+    ``priorities``: those of bulk.yaml and urgent.yaml.
+    """
     config = root / "smartpush.yaml"
     config.write_text(
         f"{settings}providers:\n"
@@ -83,15 +93,15 @@ def _project(
         f"  alert-sms:\n    type: webhook\n    sender: PREFET\n    base_url: {urgent_url}\n",
         encoding="utf-8",
     )
-    for name, rows, segment, account in (
-        ("bulk", bulk_rows, bulk_segment, "bulk-sms"),
-        ("urgent", URGENT_ROWS, 100, "alert-sms"),
+    for name, rows, segment, account, priority in (
+        ("bulk", bulk_rows, bulk_segment, "bulk-sms", priorities[0]),
+        ("urgent", URGENT_ROWS, 100, "alert-sms", priorities[1]),
     ):
         (root / f"{name}.csv").write_text(
             "id;phone\n" + "".join(f"{i};061{i:07d}\n" for i in range(rows)), encoding="utf-8"
         )
         (root / f"{name}.yaml").write_text(
-            f"name: {name}\ncategory: service\npriority: {name}\n"
+            f"name: {name}\ncategory: service\npriority: {priority}\n"
             f"audience: {{source: {name}.csv, id: id}}\nsegments: {{size: {segment}}}\n"
             f"channels:\n  - {{channel: sms, provider: {account}, body: Message {name}.}}\n",
             encoding="utf-8",
@@ -99,11 +109,19 @@ def _project(
     return config
 
 
-def _report(capsys: pytest.CaptureFixture[str], where: str, first_s: float, done_s: float, bulk: str) -> None:
+def _report(
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+    first_s: float,
+    done_s: float,
+    bulk: str,
+    priorities: tuple[str, str] = ("bulk", "urgent"),
+) -> None:
+    low, high = priorities
     with capsys.disabled():
         print(
-            f"\n{where}: urgent run's first message at the provider {first_s:.2f} s after its launch, all "
-            f"{URGENT_ROWS} sent after {done_s:.2f} s; the bulk run had then sent {bulk}"
+            f"\n{where}: the {high} run's first message at the provider {first_s:.2f} s after its launch, "
+            f"all {URGENT_ROWS} sent after {done_s:.2f} s; the {low} run had then sent {bulk}"
         )
 
 
@@ -111,7 +129,17 @@ def test_actor_priorities_follow_campaign_priorities() -> None:
     assert ACTOR_PRIORITY["urgent"] < ACTOR_PRIORITY["normal"] < ACTOR_PRIORITY["bulk"]
 
 
-def test_embedded_urgent_overtakes_a_bulk_segment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_nothing_waits_outside_a_worker() -> None:
+    from dramatiq.brokers.stub import StubBroker
+
+    backlog = Backlog(StubBroker())
+    assert not any(backlog.waiting_before(priority) for priority in ACTOR_PRIORITY)
+
+
+@pytest.mark.parametrize(("low", "high"), [("bulk", "urgent"), ("bulk", "normal"), ("normal", "urgent")])
+def test_embedded_higher_priority_overtakes_a_running_segment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], low: str, high: str
+) -> None:
     rows = 2_000  # one segment, about 4 s at 10 requests of 20 ms in flight: 10 batches of 200
     with FakeProviderServer(delay_s=0.02) as bulk_server, FakeProviderServer() as urgent_server:
         config = load_config(
@@ -122,6 +150,7 @@ def test_embedded_urgent_overtakes_a_bulk_segment(tmp_path: Path, capsys: pytest
                 urgent_server.url,
                 bulk_rows=rows,
                 bulk_segment=rows,
+                priorities=(low, high),
             ),
             env={},
         )
@@ -143,7 +172,7 @@ def test_embedded_urgent_overtakes_a_bulk_segment(tmp_path: Path, capsys: pytest
             done = time.monotonic() - launched_at
             bulk_sent = ledger.counts(bulk.run.id).get(("sms", Status.SENT), 0)
             first = min(r.received_at for r in urgent_server.requests) - launched_at
-            _report(capsys, "embedded", first, done, f"{bulk_sent:,}/{rows:,}")
+            _report(capsys, "embedded", first, done, f"{bulk_sent:,}/{rows:,}", (low, high))
             assert bulk_sent < rows // 2  # without priorities: all of it, the segment holds the thread
             wait_for(lambda: ledger.counts(bulk.run.id) == {("sms", Status.SENT): rows}, 60, "the bulk run")
             assert max(bulk_server.requests_per_key().values()) == 1  # yielding sends nothing twice
