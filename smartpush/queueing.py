@@ -122,7 +122,7 @@ class Backlog(dramatiq.Middleware):
             return False
         work = worker.work_queue
         with work.mutex:  # a heap: its first item is the next one a free thread takes
-            head = work.queue[0].priority if work.queue else None
+            head = _actor_priority(work.queue[0]) if work.queue else None
         if head is not None and head < rank:
             return True
         served = worker.consumer_whitelist or self.broker.get_declared_queues()
@@ -155,6 +155,14 @@ class Backlog(dramatiq.Middleware):
         if client is None:  # another broker type: only the process's own work queue is looked at
             return 0
         return int(client.llen(f"{broker.namespace}:{queue}"))
+
+
+def _actor_priority(item: object) -> int | None:
+    """The priority of an item of Dramatiq's work queue: ``_WorkQueueItem`` in 2.x, a tuple before."""
+    found = getattr(item, "priority", None)
+    if found is None and isinstance(item, tuple) and item:
+        found = item[0]
+    return found if isinstance(found, int) else None
 
 
 class Dispatcher:
