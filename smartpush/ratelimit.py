@@ -38,6 +38,7 @@ __all__ = [
     "AccountLimiter",
     "Bucket",
     "Grant",
+    "HandedBack",
     "MemoryStore",
     "QuotaExhausted",
     "RedisStore",
@@ -442,10 +443,15 @@ class RedisStore:
             await client.aclose()
 
 
+class HandedBack(Exception):
+    """The caller gave its place up before its turn (its worker thread is wanted elsewhere)."""
+
+
 @dataclass
 class _Waiter:
     units: int
     future: asyncio.Future[None]
+    tag: object = None
 
 
 class AccountLimiter:
@@ -499,14 +505,20 @@ class AccountLimiter:
             self._exhausted_until = None
         return self._exhausted_until
 
-    async def acquire(self, units: int = 1, *, priority: str = "normal", group: str = "") -> float:
-        """Wait until ``units`` may be sent; returns the seconds waited. Raises :class:`QuotaExhausted`."""
+    async def acquire(
+        self, units: int = 1, *, priority: str = "normal", group: str = "", tag: object = None
+    ) -> float:
+        """Wait until ``units`` may be sent; returns the seconds waited.
+
+        Raises :class:`QuotaExhausted`, :class:`StoreUnavailable`, or :class:`HandedBack` when
+        :meth:`abandon` is called with the same ``tag`` before the turn came.
+        """
         resets = self.exhausted_until()
         if resets is not None:
             raise QuotaExhausted(self.bucket.account, self.bucket.daily_quota or 0, resets)
         level = PRIORITIES.get(priority, 1)
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(max(1, units), loop.create_future())
+        waiter = _Waiter(max(1, units), loop.create_future(), tag)
         groups = self._queues.setdefault(level, {})
         if group not in groups:
             groups[group] = deque()
@@ -540,6 +552,17 @@ class AccountLimiter:
             del self._queues[level]
             del self._turn[level]
         return None
+
+    def abandon(self, tag: object) -> int:
+        """Every caller waiting with ``tag`` gives its place up (:class:`HandedBack`); returns how many."""
+        count = 0
+        for groups in self._queues.values():
+            for queue in groups.values():
+                for waiter in queue:
+                    if waiter.tag is tag and not waiter.future.done():
+                        waiter.future.set_exception(HandedBack())
+                        count += 1
+        return count
 
     def _waiting_units(self) -> int:
         return sum(w.units for groups in self._queues.values() for q in groups.values() for w in q)

@@ -145,6 +145,11 @@ class Runtime:
                 )
             return self._limiters[account]
 
+    def limiters(self) -> list[AccountLimiter]:
+        """The limiters this process has built so far."""
+        with self._lock:
+            return list(self._limiters.values())
+
     def campaign(self, run: RunRecord) -> PreparedCampaign:
         """The run's campaign, loaded once per process from the file it was launched from."""
         with self._lock:

@@ -29,7 +29,7 @@ from .failover import choose_account
 from .ledger import MessageRecord, Result, RunRecord, RunState, Status, Suppression
 from .loading import PreparedCampaign, PreparedChannel
 from .provider import Channel, OutboundMessage
-from .ratelimit import DAILY_QUOTA_CODE, QuotaExhausted, StoreUnavailable
+from .ratelimit import DAILY_QUOTA_CODE, HandedBack, QuotaExhausted, StoreUnavailable
 from .recipients import Evaluator
 from .runtime import Runtime
 from .unsubscribe import make_token, recipient_hash
@@ -45,6 +45,8 @@ BATCH_SIZE = 200
 SEGMENT_SLICE_S = 30.0
 #: How long a message waits when every account of its channel is cooling down (failover breaker open).
 ALL_OPEN_WAIT = timedelta(seconds=10)
+#: How often a batch in flight asks whether its thread is wanted by higher-priority work.
+YIELD_POLL_S = 0.5
 #: How long a message waits when the shared rate-limit store (Redis) cannot be reached.
 STORE_DOWN_WAIT = timedelta(seconds=10)
 #: How long a throttled message waits when the provider gives no Retry-After.
@@ -133,7 +135,7 @@ def process_segment(
             ]
             ledger.record(expired, now)
             _follow_up(rt, run, late, expired, outcome)
-        results = rt.run(_send_all(rt, prepared, evaluator, batch)) if batch else []
+        results, handed_back = rt.run(_send_all(rt, prepared, evaluator, batch, should_yield))
         ledger.record(results, now_utc())
         _suppress_dead_addresses(rt, batch, results)
         _follow_up(rt, run, batch, results, outcome)
@@ -143,7 +145,7 @@ def process_segment(
                 ledger.cancel_unsent(run_id, now_utc())  # messages this batch handed back
             logger.info("run %s is %s: segment %d stops", run_id, current and current.state, segment)
             return outcome
-        if should_yield is not None and should_yield():
+        if handed_back or (should_yield is not None and should_yield()):
             enqueue(run_id, segment, None)
             outcome.again_in_ms = 0
             return outcome
@@ -235,10 +237,42 @@ def _follow_up(
         rt.ledger.activate_fallbacks(run.id, rids, index)
 
 
+class Handback:
+    """A batch's messages give their rate-limit places up when their worker thread is wanted elsewhere.
+
+    Watched every :data:`YIELD_POLL_S` while the batch runs: a bulk batch held back by a slow account's
+    rate would otherwise keep its thread from a waiting urgent segment for minutes. Messages handed back
+    are still ``created`` and due: the segment, queued again, sends them later.
+    """
+
+    def __init__(self) -> None:
+        self.on = False
+
+    async def watch(self, rt: Runtime, should_yield: Callable[[], bool]) -> None:
+        while not self.on:
+            await asyncio.sleep(YIELD_POLL_S)
+            if await asyncio.to_thread(should_yield):
+                self.on = True
+                for limiter in rt.limiters():
+                    limiter.abandon(self)
+
+
 async def _send_all(
-    rt: Runtime, prepared: PreparedCampaign, evaluator: Evaluator, batch: list[MessageRecord]
-) -> list[Result]:
-    return list(await asyncio.gather(*(_send_one(rt, prepared, evaluator, m) for m in batch)))
+    rt: Runtime,
+    prepared: PreparedCampaign,
+    evaluator: Evaluator,
+    batch: list[MessageRecord],
+    should_yield: Callable[[], bool] | None = None,
+) -> tuple[list[Result], bool]:
+    """Send a batch; also says whether it was handed back part-way for higher-priority work."""
+    handback = Handback()
+    watcher = asyncio.ensure_future(handback.watch(rt, should_yield)) if should_yield is not None else None
+    try:
+        results = await asyncio.gather(*(_send_one(rt, prepared, evaluator, m, handback) for m in batch))
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    return list(results), handback.on
 
 
 def _unsubscribe_url(rt: Runtime, prepared: PreparedCampaign, message: MessageRecord) -> str | None:
@@ -327,7 +361,11 @@ def _quota_wait(rt: Runtime, message: MessageRecord, exc: QuotaExhausted) -> Res
 
 
 async def _send_one(
-    rt: Runtime, prepared: PreparedCampaign, evaluator: Evaluator, message: MessageRecord
+    rt: Runtime,
+    prepared: PreparedCampaign,
+    evaluator: Evaluator,
+    message: MessageRecord,
+    handback: Handback | None = None,
 ) -> Result:
     channel = prepared.channels[message.channel_index]
     failed_before = message.attempts > 0 and message.error_code is not None
@@ -365,7 +403,13 @@ async def _send_one(
     if not await rt.still_sending(message.run_id):
         return Result(message.id, Status.CREATED, attempted=False)
     try:
-        await limiter.acquire(units, priority=prepared.campaign.priority.value, group=message.run_id)
+        if handback is not None and handback.on:
+            raise HandedBack
+        await limiter.acquire(
+            units, priority=prepared.campaign.priority.value, group=message.run_id, tag=handback
+        )
+    except HandedBack:
+        return Result(message.id, Status.CREATED, attempted=False)
     except QuotaExhausted as exc:
         return _quota_wait(rt, message, exc)
     except StoreUnavailable as exc:

@@ -81,6 +81,7 @@ def _project(
     bulk_rows: int,
     bulk_segment: int,
     priorities: tuple[str, str] = ("bulk", "urgent"),
+    bulk_rate: str | None = None,
 ) -> Path:
     """smartpush.yaml (``settings`` + a slow bulk account, an alert account), bulk.yaml, urgent.yaml.
 
@@ -90,7 +91,8 @@ def _project(
     config.write_text(
         f"{settings}providers:\n"
         f"  bulk-sms:\n    type: webhook\n    sender: MAIRIE\n    base_url: {bulk_url}\n    concurrency: 10\n"
-        f"  alert-sms:\n    type: webhook\n    sender: PREFET\n    base_url: {urgent_url}\n",
+        + (f"    rate: {bulk_rate}\n" if bulk_rate else "")
+        + f"  alert-sms:\n    type: webhook\n    sender: PREFET\n    base_url: {urgent_url}\n",
         encoding="utf-8",
     )
     for name, rows, segment, account, priority in (
@@ -176,6 +178,50 @@ def test_embedded_higher_priority_overtakes_a_running_segment(
             assert bulk_sent < rows // 2  # without priorities: all of it, the segment holds the thread
             wait_for(lambda: ledger.counts(bulk.run.id) == {("sms", Status.SENT): rows}, 60, "the bulk run")
             assert max(bulk_server.requests_per_key().values()) == 1  # yielding sends nothing twice
+        finally:
+            worker.stop()
+            engine.close()
+
+
+def test_a_bulk_batch_held_by_a_slow_rate_hands_its_thread_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = 400  # one segment on an account at 50/s: a batch of 200 takes 4 s
+    with FakeProviderServer() as bulk_server, FakeProviderServer() as urgent_server:
+        config = load_config(
+            _project(
+                tmp_path,
+                f"database: sqlite:///{tmp_path / 'ledger.db'}\n",
+                bulk_server.url,
+                urgent_server.url,
+                bulk_rows=rows,
+                bulk_segment=rows,
+                bulk_rate="50/s",
+            ),
+            env={},
+        )
+        engine = Engine(config)
+        worker = engine.worker(threads=1)
+        try:
+            ledger = engine.rt.ledger
+            bulk = launch(engine.rt, load_campaign(tmp_path / "bulk.yaml", config), enqueue=engine.enqueue)
+            wait_for(lambda: len(bulk_server.requests) >= 20, 30, "the bulk run to be sending")
+            launched_at = time.monotonic()
+            urgent = launch(
+                engine.rt, load_campaign(tmp_path / "urgent.yaml", config), enqueue=engine.enqueue
+            )
+            wait_for(
+                lambda: ledger.counts(urgent.run.id).get(("sms", Status.SENT), 0) == URGENT_ROWS,
+                30,
+                "the urgent run to be sent",
+            )
+            done = time.monotonic() - launched_at
+            bulk_sent = len(bulk_server.requests)
+            first = min(r.received_at for r in urgent_server.requests) - launched_at
+            _report(capsys, "embedded, bulk at 50/s", first, done, f"{bulk_sent:,}/{rows:,}")
+            assert bulk_sent < 200  # the first bulk batch gave its places up, it did not run to its end
+            wait_for(lambda: ledger.counts(bulk.run.id) == {("sms", Status.SENT): rows}, 60, "the bulk run")
+            assert max(bulk_server.requests_per_key().values()) == 1  # handed back, then sent once
         finally:
             worker.stop()
             engine.close()

@@ -448,3 +448,23 @@ def test_an_account_s_limits_come_from_smartpush_yaml(tmp_path: Any) -> None:
         assert isinstance(rt.limit_store, MemoryStore)  # no broker: embedded, in this process
     finally:
         rt.close()
+
+
+def test_waiters_can_give_their_place_up(clock: FakeClock) -> None:
+    from smartpush.ratelimit import HandedBack
+
+    async def main() -> tuple[int, list[Any]]:
+        lim = limiter(Bucket("sms", 1.0), MemoryStore(clock), clock)
+        batch, other = object(), object()
+        waiting = [asyncio.ensure_future(lim.acquire(tag=batch)) for _ in range(5)]
+        kept = asyncio.ensure_future(lim.acquire(tag=other))
+        await asyncio.sleep(0)
+        given_up = lim.abandon(batch)
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+        await kept  # the other caller is served, and soon: the places given up are not waited for
+        assert clock() < 1000.0 + 2.5
+        return given_up, results
+
+    given_up, results = run(main())
+    assert given_up >= 4  # the first may already have had its turn
+    assert sum(isinstance(r, HandedBack) for r in results) == given_up
