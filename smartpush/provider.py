@@ -57,7 +57,7 @@ class ProviderOptions(BaseModel):
     type: str
     #: Ceiling over any sliding window, shared by every worker: ``100/s``, ``6000/min``.
     rate: Rate | None = None
-    #: Messages (or SMS parts with ``rate_unit: parts``) per calendar day in the account's timezone.
+    #: Messages (or SMS parts with ``rate_unit: parts``) per calendar day in smartpush.yaml's ``timezone``.
     daily_quota: int | None = Field(default=None, gt=0)
     #: Requests in flight per worker process.
     concurrency: int = Field(default=DEFAULT_CONCURRENCY, gt=0, le=1000)
