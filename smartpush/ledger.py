@@ -174,6 +174,8 @@ class MessageRecord:
     sent_at: datetime | None
     delivered_at: datetime | None
     final_at: datetime | None
+    #: A ``service`` message sent despite this suppression reason (``opt-out``), on record.
+    bypassed: str | None = None
     line: int | None = None
     context: dict[str, Any] | None = None
 
@@ -207,6 +209,8 @@ class Result:
     next_attempt_at: datetime | None = None
     #: The provider says the address is dead: put it on the suppression list (not a ledger column).
     suppress: bool = False
+    #: Sent although the address is suppressed for this reason (``service`` campaigns and ``opt-out``).
+    bypassed: str | None = None
 
 
 T = TypeVar("T")
@@ -258,6 +262,7 @@ _RECORD = (
         delivered_at=func.coalesce(bindparam("b_delivered", type_=UTCDateTime()), messages_t.c.delivered_at),
         final_at=bindparam("b_final", type_=UTCDateTime()),
         updated_at=bindparam("b_now", type_=UTCDateTime()),
+        bypassed=func.coalesce(bindparam("b_bypassed", type_=String), messages_t.c.bypassed),
     )
 )
 
@@ -530,23 +535,24 @@ class Ledger:
                 None if p["b_delivered"] is None else stamp(p["b_delivered"]),
                 None if p["b_final"] is None else stamp(p["b_final"]),
                 stamp(p["b_now"]),
+                p["b_bypassed"],
             )
             for p in params
         ]
         statement = (
-            "COPY smartpush_results (id, status, inc, provider, reference, code, text, next, sent, "
-            "delivered, final, now) FROM STDIN"
+            "COPY smartpush_results3 (id, status, inc, provider, reference, code, text, next, sent, "
+            "delivered, final, now, bypassed) FROM STDIN"
         )
         driver: Any = conn.connection.driver_connection
         dbapi_error: Any = self._engine.dialect.loaded_dbapi.Error
         try:
             with driver.cursor() as cursor:
                 cursor.execute(
-                    "CREATE TEMPORARY TABLE IF NOT EXISTS smartpush_results (id text PRIMARY KEY, "
+                    "CREATE TEMPORARY TABLE IF NOT EXISTS smartpush_results3 (id text PRIMARY KEY, "
                     "status text, "
                     "inc integer, provider text, reference text, code text, text text, next timestamptz, "
-                    "sent timestamptz, delivered timestamptz, final timestamptz, now timestamptz) "
-                    "ON COMMIT DELETE ROWS"
+                    "sent timestamptz, delivered timestamptz, final timestamptz, now timestamptz, "
+                    "bypassed text) ON COMMIT DELETE ROWS"
                 )
                 with cursor.copy(statement) as copy:
                     for row in rows:
@@ -557,8 +563,8 @@ class Ledger:
                     "error_code = r.code, error_text = r.text, next_attempt_at = r.next, "
                     "sent_at = COALESCE(r.sent, m.sent_at), "
                     "delivered_at = COALESCE(r.delivered, m.delivered_at), "
-                    "final_at = r.final, updated_at = r.now "
-                    "FROM smartpush_results AS r WHERE m.id = r.id AND m.status = 'sending'"
+                    "final_at = r.final, updated_at = r.now, bypassed = COALESCE(r.bypassed, m.bypassed) "
+                    "FROM smartpush_results3 AS r WHERE m.id = r.id AND m.status = 'sending'"
                 )
                 cursor.execute(statement)
                 return int(cursor.rowcount)
@@ -635,6 +641,7 @@ class Ledger:
                     "b_delivered": now if status == Status.DELIVERED else None,
                     "b_final": now if status in FINAL else None,
                     "b_now": now,
+                    "b_bypassed": result.bypassed,
                 }
             )
         if not params:

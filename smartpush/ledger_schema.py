@@ -51,6 +51,7 @@ __all__ = [
     "make_engine",
     "messages",
     "metadata",
+    "receipts",
     "recipients",
     "runs",
     "schema_version",
@@ -179,6 +180,9 @@ messages = Table(
     Column("delivered_at", UTCDateTime),
     Column("final_at", UTCDateTime),
     Column("updated_at", UTCDateTime, nullable=False),
+    # A `service` message sent although its address is on the suppression list for a reason such
+    # notices bypass (`opt-out`): that reason, so every such send is on record (schema 3).
+    Column("bypassed", String),
     # Every message belongs to a recipient row. Ledger.add_batch, the only writer of both, checks it:
     # a foreign key's per-row trigger made the split 40% slower on PostgreSQL.
     UniqueConstraint("run_id", "recipient_id", "channel"),
@@ -197,6 +201,26 @@ Index(
     messages.c.provider_reference,
     sqlite_where=messages.c.provider_reference.is_not(None),
     postgresql_where=messages.c.provider_reference.is_not(None),
+)
+
+
+# Delivery receipts as `serve` received them (schema 3): the proof of what reached whom, and the
+# receipts that arrive before the worker has recorded the message's provider reference (they are
+# applied when it does). `message_id` is set once a receipt has been matched to its message.
+receipts = Table(
+    "receipts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("provider", String, nullable=False),  # the account whose webhook received it
+    Column("reference", String, nullable=False),  # the provider's message reference
+    Column("status", String, nullable=False),  # delivered, permanent-failure, temporary-failure
+    Column("error_code", String),
+    Column("error_text", Text),
+    Column("occurred_at", UTCDateTime),  # the provider's own time of the event, when it gives one
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("message_id", String),
+    Column("applied_at", UTCDateTime),
+    Index(None, "provider", "reference"),
 )
 
 
@@ -268,8 +292,15 @@ def _create_v2(conn: Connection) -> None:
     suppressions.create(conn, checkfirst=True)
 
 
+def _create_v3(conn: Connection) -> None:
+    receipts.create(conn, checkfirst=True)
+    # Step 1 builds `messages` from today's definition, which has the column: add it only when missing.
+    if "bypassed" not in {c["name"] for c in inspect(conn).get_columns("messages")}:
+        conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN bypassed VARCHAR")
+
+
 #: ``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``.
-MIGRATIONS: list[Callable[[Connection], None]] = [_create_v1, _create_v2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_create_v1, _create_v2, _create_v3]
 
 
 def current_version() -> int:

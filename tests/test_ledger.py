@@ -234,6 +234,22 @@ def test_migrate_twice_is_harmless(db_url: str) -> None:
     assert sql(db_url, "SELECT version FROM schema_version") == [(ledger_schema.current_version(),)]
 
 
+def test_a_version_2_database_is_upgraded_in_place(ledger: Ledger, db_url: str) -> None:
+    # Given a version-2 ledger (before receipts and the `bypassed` column) holding a run
+    run = make_run(ledger)
+    sql(db_url, "DROP TABLE receipts")
+    sql(db_url, "ALTER TABLE messages DROP COLUMN bypassed")
+    sql(db_url, "UPDATE schema_version SET version = 2")
+    # When this smartpush opens it
+    with opened(db_url) as led:
+        led.migrate()
+        # Then the run is still there and version 3's table and column exist
+        assert led.get_run(run.id) == run
+    assert sql(db_url, "SELECT count(*) FROM receipts") == [(0,)]
+    assert sql(db_url, "SELECT count(bypassed) FROM messages") == [(0,)]
+    assert sql(db_url, "SELECT version FROM schema_version") == [(3,)]
+
+
 def test_a_database_from_a_newer_smartpush_is_refused(ledger: Ledger, db_url: str) -> None:
     sql(db_url, f"UPDATE schema_version SET version = {ledger_schema.current_version() + 1}")
     with (
