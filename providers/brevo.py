@@ -34,13 +34,20 @@ Brevo documents ``POST /v3/transactionalSMS/send`` as the successor of this endp
 ``{messageId}``); this driver still uses ``/sms`` and reads either answer.
 
 :func:`parse_receipt` reads a transactional SMS webhook event into a
-:class:`~smartpush.providers.twilio.Receipt`.
+:class:`~smartpush.provider.Receipt` (``hard_bounce`` suppresses the number; ``ts_event``, else
+``ts_epoch``, is when it happened); ``smartpush serve`` receives them at ``/webhooks/{account}``
+(``web_url``). Brevo does not sign these webhooks: the account gives a ``webhook_secret`` and the
+URL set at Brevo carries it, ``.../webhooks/brevo?token=<secret>``.
+
+Replies (``/inbound/{account}``) are read from ``from`` (or ``sender``, ``msisdn``) and ``text`` (or
+``reply``, ``content``): **unverified**, Brevo's inbound-SMS payload was not documented at hand.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any, ClassVar, Literal
 
@@ -51,13 +58,15 @@ from smartpush.http import HttpProvider, HttpResponse, classify_status, retry_af
 from smartpush.provider import (
     Channel,
     HttpSmsProviderOptions,
+    InboundSms,
     OutboundMessage,
     ProviderOptions,
+    Receipt,
+    ReceiptStatus,
     SendResult,
+    WebhookRequest,
 )
 from smartpush.sms import is_gsm7
-
-from .twilio import Receipt, ReceiptStatus
 
 __all__ = ["DEFAULT_BASE_URL", "ERRORS", "BrevoOptions", "BrevoProvider", "parse_receipt"]
 
@@ -90,6 +99,8 @@ class BrevoOptions(HttpSmsProviderOptions):
     tag: str | None = None
     #: Where Brevo posts the events of these messages (delivery receipts).
     web_url: str | None = None
+    #: The secret Brevo's webhook URLs carry as ``?token=...`` (Brevo signs nothing).
+    webhook_secret: SecretStr | None = None
 
     @field_validator("web_url")
     @classmethod
@@ -117,6 +128,7 @@ class BrevoProvider(HttpProvider):
 
     channels: ClassVar[frozenset[Channel]] = frozenset({Channel.SMS})
     Options: ClassVar[type[ProviderOptions]] = BrevoOptions
+    webhooks: ClassVar[frozenset[str]] = frozenset({"receipts", "inbound"})
 
     def __init__(self, account: str, options: ProviderOptions, **context: Any) -> None:
         super().__init__(account, options, **context)
@@ -155,6 +167,20 @@ class BrevoProvider(HttpProvider):
         if not 200 <= response.status < 300:  # noqa: PLR2004 - the 2xx range
             raise _error(response)
         return _accepted(response)
+
+    def parse_receipts(self, request: WebhookRequest) -> list[Receipt]:
+        fields = {k: v[0] if isinstance(v, list) and v else v for k, v in request.fields().items()}
+        receipt = parse_receipt(fields)
+        return [] if receipt is None else [receipt]
+
+    def parse_inbound(self, request: WebhookRequest) -> InboundSms | None:
+        fields = {k: v[0] if isinstance(v, list) and v else v for k, v in request.fields().items()}
+        sender = _text(fields.get("from")) or _text(fields.get("sender")) or _text(fields.get("msisdn"))
+        if not sender:  # unverified field names: see the module docstring
+            return None
+        digits = sender.replace(" ", "")
+        text = _text(fields.get("text")) or _text(fields.get("reply")) or _text(fields.get("content"))
+        return InboundSms("+" + digits if digits.isdigit() else sender, text or "")
 
 
 def _accepted(response: HttpResponse) -> SendResult:
@@ -253,6 +279,24 @@ def parse_receipt(event: Mapping[str, Any]) -> Receipt | None:
     mapped = _EVENTS.get(name)
     if not reference or mapped is None:
         return None
+    occurred = _epoch(event.get("ts_event")) or _epoch(event.get("ts_epoch"))
     if not mapped.endswith("failure"):
-        return Receipt(reference, mapped)
-    return Receipt(reference, mapped, name, _FAILURE_TEXT.get(name))
+        return Receipt(reference, mapped, occurred_at=occurred)
+    return Receipt(reference, mapped, name, _FAILURE_TEXT.get(name), name == "hard_bounce", occurred)
+
+
+#: Above this an epoch counts milliseconds, not seconds (year 5138 in seconds).
+_EPOCH_MS = 100_000_000_000
+
+
+def _epoch(value: Any) -> datetime | None:
+    """A Unix time (seconds or milliseconds, number or digits) as an aware UTC datetime."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        return None
+    seconds = value / 1000 if value > _EPOCH_MS else value
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None

@@ -42,7 +42,13 @@ throttles, 5xx retry; a 400 is technical unless its message is about the receive
 never repeated: it may quote the number.
 
 :func:`parse_receipt` reads the delivery receipt OVH sends to the SMS account's callback URL (query
-fields ``id``, ``dlr``, ``ptt``) into a :class:`~smartpush.providers.twilio.Receipt`.
+fields ``id``, ``dlr``, ``ptt``) into a :class:`~smartpush.provider.Receipt`; ``smartpush serve``
+receives them at ``/webhooks/{account}``. OVH does not sign its callbacks: the account gives a
+``webhook_secret`` and the callback URL set at OVH carries it, ``.../webhooks/ovh?token=<secret>``.
+No ``ptt`` code is known to mean a dead number, so OVH receipts never suppress a number.
+
+Replies (``/inbound/{account}``) are read from ``sender`` (or ``from``) and ``message`` (or ``text``):
+**unverified**, no OVH documentation of an incoming-SMS callback was at hand; check a real one first.
 """
 
 from __future__ import annotations
@@ -63,13 +69,15 @@ from smartpush.http import HttpProvider, HttpResponse, classify_status, retry_af
 from smartpush.provider import (
     Channel,
     HttpSmsProviderOptions,
+    InboundSms,
     OutboundMessage,
     ProviderOptions,
+    Receipt,
+    ReceiptStatus,
     SendResult,
+    WebhookRequest,
 )
 from smartpush.sms import analyse, is_gsm7
-
-from .twilio import Receipt, ReceiptStatus
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -134,6 +142,8 @@ class OvhOptions(HttpSmsProviderOptions):
     priority: Literal["high", "medium", "low", "veryLow"] = "high"
     #: Minutes the operator keeps trying to deliver.
     validity_period: int = Field(default=DEFAULT_VALIDITY_MINUTES, gt=0)
+    #: The secret OVH's callback URLs carry as ``?token=...`` (OVH signs nothing).
+    webhook_secret: SecretStr | None = None
 
     @field_validator("application_key")
     @classmethod
@@ -158,6 +168,7 @@ class OvhProvider(HttpProvider):
 
     channels: ClassVar[frozenset[Channel]] = frozenset({Channel.SMS})
     Options: ClassVar[type[ProviderOptions]] = OvhOptions
+    webhooks: ClassVar[frozenset[str]] = frozenset({"receipts", "inbound"})
 
     def __init__(self, account: str, options: ProviderOptions, **context: Any) -> None:
         super().__init__(account, options, **context)
@@ -211,6 +222,17 @@ class OvhProvider(HttpProvider):
         if not 200 <= response.status < 300:  # noqa: PLR2004 - the 2xx range
             raise _error(response)
         return _result(response, message)
+
+    def parse_receipts(self, request: WebhookRequest) -> list[Receipt]:
+        receipt = parse_receipt(request.fields())
+        return [] if receipt is None else [receipt]
+
+    def parse_inbound(self, request: WebhookRequest) -> InboundSms | None:
+        fields = request.fields()  # unverified field names: see the module docstring
+        sender = _field(fields, "sender") or _field(fields, "from")
+        if not sender:
+            return None
+        return InboundSms(sender, _field(fields, "message") or _field(fields, "text") or "")
 
 
 def _result(response: HttpResponse, message: OutboundMessage) -> SendResult:

@@ -26,19 +26,32 @@ the table falls back to :func:`smartpush.http.classify_status` on the HTTP statu
 retries, 401/403 stop). Twilio's ``message`` is never repeated: it may quote the phone number.
 
 :func:`parse_receipt` reads a status callback (form fields ``MessageSid``, ``MessageStatus``,
-``ErrorCode``) into a :class:`Receipt`; the HTTP endpoint that receives them lives elsewhere.
+``ErrorCode``) into a :class:`~smartpush.provider.Receipt`; ``smartpush serve`` receives them at
+``/webhooks/{account}`` (set ``status_callback`` to that public URL) and SMS replies at
+``/inbound/{account}`` (the number's "A message comes in" webhook; ``From``, ``Body``), answered with
+an empty TwiML ``<Response/>``.
+
+Every request is authenticated by its ``X-Twilio-Signature`` (:func:`request_signature`): base64 of
+HMAC-SHA1, keyed with the account's auth token, over the full URL Twilio called (smartpush.yaml's
+``public_url`` + path + query) followed by every POST parameter, sorted by name, name and value
+concatenated. An account that sends with an API key gives its auth token as ``webhook_auth_token``
+(used for nothing else). Twilio's "Webhooks Rules" (a shared key, HMAC-SHA256) are not supported.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr, field_validator, model_validator
 
 from smartpush.errors import (
+    ConfigError,
     Outcome,
     ProviderError,
     TechnicalError,
@@ -48,9 +61,14 @@ from smartpush.http import HttpProvider, HttpResponse, classify_status, retry_af
 from smartpush.provider import (
     Channel,
     HttpSmsProviderOptions,
+    InboundSms,
     OutboundMessage,
     ProviderOptions,
+    Receipt,
+    ReceiptStatus,
     SendResult,
+    WebhookAnswer,
+    WebhookRequest,
 )
 
 __all__ = [
@@ -61,6 +79,7 @@ __all__ = [
     "TwilioOptions",
     "TwilioProvider",
     "parse_receipt",
+    "request_signature",
 ]
 
 DEFAULT_BASE_URL = "https://api.twilio.com"
@@ -70,17 +89,10 @@ _API_KEY_SID = re.compile(r"^SK[0-9a-fA-F]{32}$")
 #: Twilio rejects StatusCallback URLs whose host has an underscore.
 _CALLBACK_URL = re.compile(r"^https?://[^\s/_]+(/\S*)?$")
 
-ReceiptStatus = Literal["delivered", "sent", "temporary-failure", "permanent-failure"]
-
-
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """One delivery receipt, whatever the provider: what happened to the message it refers to."""
-
-    provider_reference: str
-    status: ReceiptStatus
-    error_code: str | None = None
-    error_text: str | None = None
+#: The empty TwiML document Twilio expects after an incoming message: no reply is sent.
+EMPTY_TWIML = b'<?xml version="1.0" encoding="UTF-8"?><Response/>'
+_SIGNATURE_HEADER = "x-twilio-signature"
+_DEFAULT_PORTS = {"https": 443, "http": 80}
 
 
 # -- errors -------------------------------------------------------------------------------------------
@@ -142,6 +154,8 @@ class TwilioOptions(HttpSmsProviderOptions):
     messaging_service_sid: str | None = None
     #: Where Twilio POSTs status callbacks (delivery receipts).
     status_callback: str | None = None
+    #: The account's auth token when it sends with an API key: only checks X-Twilio-Signature.
+    webhook_auth_token: SecretStr | None = None
 
     @field_validator("account_sid")
     @classmethod
@@ -201,6 +215,7 @@ class TwilioProvider(HttpProvider):
 
     channels: ClassVar[frozenset[Channel]] = frozenset({Channel.SMS})
     Options: ClassVar[type[ProviderOptions]] = TwilioOptions
+    webhooks: ClassVar[frozenset[str]] = frozenset({"receipts", "inbound"})
 
     def __init__(self, account: str, options: ProviderOptions, **context: Any) -> None:
         super().__init__(account, options, **context)
@@ -234,6 +249,69 @@ class TwilioProvider(HttpProvider):
         if 200 <= response.status < 300:  # noqa: PLR2004 - the 2xx range
             return _accepted(response)
         raise _error(response)
+
+    # -- webhooks: status callbacks and incoming messages -------------------------------------------
+
+    def verify_webhook(self, request: WebhookRequest) -> bool:
+        opts = self.settings
+        token = opts.auth_token or opts.webhook_auth_token
+        if token is None:
+            raise ConfigError(
+                f"provider account '{self.account}' cannot check X-Twilio-Signature: it sends with an "
+                "API key, so give the account's auth token as webhook_auth_token (from ${VAR})"
+            )
+        if request.url is None:
+            raise ConfigError(
+                f"provider account '{self.account}' cannot check X-Twilio-Signature: set public_url in "
+                "smartpush.yaml to the address Twilio calls"
+            )
+        presented = request.headers.get(_SIGNATURE_HEADER, "")
+        if not presented:
+            return False
+        params = request.form if request.method == "POST" else {}
+        secret = token.get_secret_value()
+        found = False
+        for url in _url_variants(request.url):  # with and without the default port, as Twilio's libraries
+            expected = request_signature(secret, url, params)
+            found |= hmac.compare_digest(expected.encode(), presented.encode())
+        return found
+
+    def parse_receipts(self, request: WebhookRequest) -> list[Receipt]:
+        receipt = parse_receipt(request.fields())
+        return [] if receipt is None else [receipt]
+
+    def parse_inbound(self, request: WebhookRequest) -> InboundSms | None:
+        fields = request.fields()
+        sender = _field(fields, "From")
+        if not sender:
+            return None
+        return InboundSms(sender, _field(fields, "Body") or "")
+
+    def inbound_answer(self) -> WebhookAnswer:
+        return WebhookAnswer(200, EMPTY_TWIML, "text/xml")
+
+
+def request_signature(auth_token: str, url: str, params: Mapping[str, list[str]]) -> str:
+    """The ``X-Twilio-Signature`` of a request to ``url`` with POST ``params`` (empty for a GET)."""
+    data = url + "".join(name + value for name in sorted(params) for value in sorted(params[name]))
+    digest = hmac.new(auth_token.encode(), data.encode(), hashlib.sha1).digest()  # Twilio signs with SHA-1
+    return base64.b64encode(digest).decode()
+
+
+def _url_variants(url: str) -> list[str]:
+    """``url`` as given, and with its scheme's default port added or removed."""
+    parts = urlsplit(url)
+    default = _DEFAULT_PORTS.get(parts.scheme)
+    if default is None or parts.hostname is None:
+        return [url]
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    if parts.port is None:
+        other = urlunsplit(parts._replace(netloc=f"{host}:{default}"))
+    elif parts.port == default:
+        other = urlunsplit(parts._replace(netloc=host))
+    else:
+        return [url]
+    return [url, other]
 
 
 def _accepted(response: HttpResponse) -> SendResult:
@@ -295,7 +373,8 @@ def parse_receipt(form_or_json: Mapping[str, Any]) -> Receipt | None:
     text = known[1] if known is not None else None
     if status in _FAILED:
         transient = known is not None and known[0] in ("throttled", "transient")
-        return Receipt(sid, "temporary-failure" if transient else "permanent-failure", code, text)
+        dead = known is not None and known[0] == "suppress"
+        return Receipt(sid, "temporary-failure" if transient else "permanent-failure", code, text, dead)
     mapped = _STATUSES.get(status)
     if mapped is None:
         return None

@@ -25,18 +25,32 @@ entry per SMS part. Every part at status ``"0"``: accepted, the reference is the
 ``message-id``. Otherwise the first non-zero status decides (:data:`STATUSES`). Vonage's ``error-text``
 is never repeated. A non-2xx HTTP answer follows :func:`smartpush.http.classify_status`.
 
-:func:`parse_receipt` reads a delivery receipt (``messageId``, ``status``, ``err-code``) into a
-:class:`~smartpush.providers.twilio.Receipt`; the HTTP endpoint that receives them lives elsewhere.
+:func:`parse_receipt` reads a delivery receipt (``messageId``, ``status``, ``err-code``, ``scts``)
+into a :class:`~smartpush.provider.Receipt`; ``smartpush serve`` receives them at
+``/webhooks/{account}`` (set ``callback``, or the dashboard's delivery-receipt URL, to that public URL)
+and inbound SMS at ``/inbound/{account}`` (``msisdn``, ``text``), GET, form POST or JSON POST alike.
+
+Webhooks are authenticated by Vonage's signature (:func:`request_signature`) when the account gives
+``signature_secret`` and ``signature_method`` (the dashboard's settings; Vonage support enables signed
+webhooks): every parameter but ``sig``, sorted by name, written ``&name=value`` with ``&`` and ``=`` in
+values replaced by ``_``; ``md5hash`` is the MD5 of that text followed by the secret, the others an
+HMAC of it keyed with the secret, in hexadecimal. Without a signature secret the account must give a
+``webhook_secret``, presented as ``?token=...`` in the URLs set at Vonage. The signed ``timestamp`` is
+not checked for age: a replayed receipt or STOP changes nothing (both are idempotent).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
 
 from pydantic import SecretStr, field_validator, model_validator
 
 from smartpush.errors import (
+    ConfigError,
     Outcome,
     ProviderError,
     TechnicalError,
@@ -46,15 +60,28 @@ from smartpush.http import HttpProvider, HttpResponse, classify_status, retry_af
 from smartpush.provider import (
     Channel,
     HttpSmsProviderOptions,
+    InboundSms,
     OutboundMessage,
     ProviderOptions,
+    Receipt,
+    ReceiptStatus,
     SendResult,
+    WebhookRequest,
+    shared_secret_ok,
 )
 from smartpush.sms import is_gsm7
 
-from .twilio import Receipt, ReceiptStatus
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DLR_ERRORS",
+    "STATUSES",
+    "VonageOptions",
+    "VonageProvider",
+    "parse_receipt",
+    "request_signature",
+]
 
-__all__ = ["DEFAULT_BASE_URL", "STATUSES", "VonageOptions", "VonageProvider", "parse_receipt"]
+SignatureMethod = Literal["md5hash", "md5", "sha1", "sha256", "sha512"]
 
 DEFAULT_BASE_URL = "https://rest.nexmo.com"
 #: The status of an accepted message part.
@@ -102,6 +129,12 @@ class VonageOptions(HttpSmsProviderOptions):
     api_secret: SecretStr
     #: Where Vonage sends delivery receipts for these messages (else the account's default).
     callback: str | None = None
+    #: The dashboard's signature secret: checks the ``sig`` of signed webhooks.
+    signature_secret: SecretStr | None = None
+    #: The dashboard's signature method.
+    signature_method: SignatureMethod = "md5hash"
+    #: Without signed webhooks: a secret the webhook URLs carry as ``?token=...``.
+    webhook_secret: SecretStr | None = None
 
     @field_validator("api_key")
     @classmethod
@@ -129,6 +162,7 @@ class VonageProvider(HttpProvider):
 
     channels: ClassVar[frozenset[Channel]] = frozenset({Channel.SMS})
     Options: ClassVar[type[ProviderOptions]] = VonageOptions
+    webhooks: ClassVar[frozenset[str]] = frozenset({"receipts", "inbound"})
 
     def __init__(self, account: str, options: ProviderOptions, **context: Any) -> None:
         super().__init__(account, options, **context)
@@ -172,6 +206,51 @@ class VonageProvider(HttpProvider):
             )
         return _result(response)
 
+    # -- webhooks: delivery receipts and inbound SMS ------------------------------------------------
+
+    def verify_webhook(self, request: WebhookRequest) -> bool:
+        opts = self.settings
+        if opts.signature_secret is None:
+            if opts.webhook_secret is None:
+                raise ConfigError(
+                    f"provider account '{self.account}' has no way to authenticate its webhooks: set "
+                    "signature_secret (signed webhooks) or webhook_secret (?token=... in the URLs)"
+                )
+            return shared_secret_ok(request, opts.webhook_secret, self.account)
+        fields = request.fields()
+        presented = _field(fields, "sig")
+        if not presented:
+            return False
+        params = {name: value for name, value in fields.items() if name != "sig"}
+        expected = request_signature(opts.signature_secret.get_secret_value(), opts.signature_method, params)
+        return hmac.compare_digest(expected.encode(), presented.lower().encode())
+
+    def parse_receipts(self, request: WebhookRequest) -> list[Receipt]:
+        receipt = parse_receipt(request.fields())
+        return [] if receipt is None else [receipt]
+
+    def parse_inbound(self, request: WebhookRequest) -> InboundSms | None:
+        fields = request.fields()
+        msisdn = _field(fields, "msisdn")
+        if not msisdn:
+            return None
+        sender = "+" + msisdn if msisdn.isdigit() else msisdn  # Vonage writes E.164 without the '+'
+        return InboundSms(sender, _field(fields, "text") or "")
+
+
+def request_signature(secret: str, method: SignatureMethod, params: Mapping[str, Any]) -> str:
+    """The ``sig`` Vonage computes over ``params`` (every parameter but ``sig``), in lower-case hex."""
+    text = ""
+    for name in sorted(params):
+        value = params[name]
+        if isinstance(value, list | tuple):
+            value = value[0] if value else ""
+        value = str(value).replace("&", "_").replace("=", "_")
+        text += f"&{name}={value}"
+    if method == "md5hash":
+        return hashlib.md5((text + secret).encode()).hexdigest()  # Vonage's default scheme
+    return hmac.new(secret.encode(), text.encode(), method).hexdigest()
+
 
 def _result(response: HttpResponse) -> SendResult:
     document = response.json()
@@ -188,6 +267,17 @@ def _result(response: HttpResponse) -> SendResult:
 
 # -- delivery receipts --------------------------------------------------------------------------------
 
+#: DLR ``err-code`` values of a failure: (may it pass, is the number dead, a text), from Vonage's
+#: delivery-receipt error codes. A code not listed leaves the DLR status to decide.
+DLR_ERRORS: Mapping[str, tuple[bool, bool, str]] = {
+    "2": (True, False, "the handset is temporarily absent"),
+    "3": (False, True, "the number is no longer active (absent subscriber, permanent)"),
+    "4": (False, True, "the recipient has barred incoming messages"),
+    "7": (True, False, "the handset is busy"),
+    "8": (True, False, "network error"),
+    "9": (False, True, "the number is not a valid number (illegal number)"),
+}
+
 #: DLR ``status`` -> our receipt status; ``unknown`` (and anything new) gives no receipt.
 _STATUSES: Mapping[str, ReceiptStatus] = {
     "delivered": "delivered",
@@ -202,8 +292,10 @@ _STATUSES: Mapping[str, ReceiptStatus] = {
 def parse_receipt(form_or_json: Mapping[str, Any]) -> Receipt | None:
     """The receipt a Vonage DLR carries (query, form or JSON alike); ``None`` when it has none.
 
-    ``err-code`` ``0`` means no error and is dropped. Vonage sends one DLR per SMS part, each with its
-    part's ``messageId``.
+    ``err-code`` ``0`` means no error and is dropped; a failed or rejected DLR whose code says the
+    handset was only absent, busy or the network down is a temporary failure, and one whose code says
+    the number is dead suppresses it (:data:`DLR_ERRORS`). ``scts`` (``YYMMDDhhmm``, UTC) is when the
+    carrier reported. Vonage sends one DLR per SMS part, each with its part's ``messageId``.
     """
     reference = _field(form_or_json, "messageId")
     status = (_field(form_or_json, "status") or "").lower()
@@ -213,10 +305,27 @@ def parse_receipt(form_or_json: Mapping[str, Any]) -> Receipt | None:
     code = _field(form_or_json, "err-code")
     if code in (None, "", "0"):
         code = None
-    text = (
-        f"Vonage DLR {status}" + (f", error {code}" if code else "") if mapped.endswith("failure") else None
-    )
-    return Receipt(reference, mapped, code, text)
+    occurred = _scts(_field(form_or_json, "scts"))
+    if not mapped.endswith("failure"):
+        return Receipt(reference, mapped, code, None, occurred_at=occurred)
+    known = DLR_ERRORS.get(code or "")
+    text = f"Vonage DLR {status}" + (f", error {code}" if code else "")
+    dead = False
+    if known is not None and mapped == "permanent-failure":
+        passing, dead, meaning = known
+        mapped = "temporary-failure" if passing else mapped
+        text = f"{text}: {meaning}"
+    return Receipt(reference, mapped, code, text, dead, occurred)
+
+
+def _scts(value: str | None) -> datetime | None:
+    """Vonage's ``scts`` (``YYMMDDhhmm`` in UTC) as an aware datetime; ``None`` if absent or unreadable."""
+    if not value or len(value) != 10 or not value.isdigit():  # noqa: PLR2004 - YYMMDDhhmm
+        return None
+    try:
+        return datetime.strptime(value, "%y%m%d%H%M").replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def _field(values: Mapping[str, Any], name: str) -> str | None:

@@ -21,6 +21,25 @@ the error code is read at ``error_field``; a code in ``unregistered_codes`` is a
 suppresses the address, one in ``permanent_codes`` or a status in ``permanent_statuses`` a permanent
 failure, and anything else follows :func:`smartpush.http.classify_status` (429 throttles, 5xx retries,
 401/403 stop as technical failures), with ``Retry-After`` honoured.
+
+Receipts come back to ``smartpush serve`` at ``/webhooks/{account}``: a JSON object (or an array of
+them) ``{"reference": "...", "status": "delivered", "error_code": "..."}``, or the same fields as a
+form or query string. ``receipt_fields`` renames the keys (dotted paths, as ``fields`` does) and
+``receipt_statuses`` maps the provider's status words to ours (``delivered``, ``sent``,
+``temporary-failure``, ``permanent-failure``); a status not in the map is an interim one, stored
+nowhere. A failure whose code is in ``unregistered_codes`` suppresses the address, as it does on
+send. Replies come to ``/inbound/{account}`` as ``{"from": "+33...", "text": "STOP"}``
+(``inbound_fields`` renames them). A request without a reference and a status, or a reply without a
+sender, is malformed (400). Every request presents the account's ``webhook_secret``, as
+``?token=...`` or ``Authorization: Bearer ...``::
+
+    providers:
+      aggregator:
+        type: webhook
+        ...
+        webhook_secret: ${AGGREGATOR_WEBHOOK_SECRET}
+        receipt_fields: {reference: data.id, status: data.state, error_code: data.reason}
+        receipt_statuses: {DELIVRD: delivered, UNDELIV: permanent-failure, EXPIRED: temporary-failure}
 """
 
 from __future__ import annotations
@@ -36,14 +55,25 @@ from smartpush.http import HttpResponse, HttpTransport, classify_status, retry_a
 from smartpush.provider import (
     Channel,
     HttpSmsProviderOptions,
+    InboundSms,
     OutboundMessage,
     Provider,
     ProviderOptions,
+    Receipt,
+    ReceiptStatus,
     SendResult,
+    WebhookRequest,
 )
 from smartpush.schema import did_you_mean
 
-__all__ = ["DEFAULT_FIELDS", "WebhookOptions", "WebhookProvider"]
+__all__ = [
+    "DEFAULT_FIELDS",
+    "DEFAULT_INBOUND_FIELDS",
+    "DEFAULT_RECEIPT_FIELDS",
+    "DEFAULT_RECEIPT_STATUSES",
+    "WebhookOptions",
+    "WebhookProvider",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +91,26 @@ DEFAULT_FIELDS: Mapping[str, str] = {
 }
 #: Fields sent only when ``fields`` names a key for them: strict APIs reject keys they don't know.
 OPTIONAL_FIELDS: Mapping[str, str] = {"headers": "", "run_id": ""}
+#: Where a receipt's values are read unless ``receipt_fields`` says otherwise.
+DEFAULT_RECEIPT_FIELDS: Mapping[str, str] = {
+    "reference": "reference",
+    "status": "status",
+    "error_code": "error_code",
+}
+#: The provider's status word -> ours, unless ``receipt_statuses`` says otherwise.
+DEFAULT_RECEIPT_STATUSES: Mapping[str, ReceiptStatus] = {
+    "delivered": "delivered",
+    "sent": "sent",
+    "accepted": "sent",
+    "temporary-failure": "temporary-failure",
+    "permanent-failure": "permanent-failure",
+    "failed": "permanent-failure",
+    "undelivered": "permanent-failure",
+    "rejected": "permanent-failure",
+    "expired": "temporary-failure",
+}
+#: Where a reply's sender and text are read unless ``inbound_fields`` says otherwise.
+DEFAULT_INBOUND_FIELDS: Mapping[str, str] = {"from": "from", "text": "text"}
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
@@ -94,6 +144,15 @@ class WebhookOptions(HttpSmsProviderOptions):
     permanent_codes: list[str] = Field(default_factory=list)
     #: Error codes that mean "this address is dead": permanent, and the address is suppressed.
     unregistered_codes: list[str] = Field(default_factory=list)
+    #: The secret every webhook request presents (``?token=...`` or ``Authorization: Bearer ...``).
+    webhook_secret: SecretStr | None = None
+    #: Receipt field (reference, status, error_code) -> JSON key or dotted path; merged over the defaults.
+    receipt_fields: dict[str, str] = Field(default_factory=dict)
+    #: The provider's status word -> delivered, sent, temporary-failure or permanent-failure; replaces
+    #: the defaults when given.
+    receipt_statuses: dict[str, ReceiptStatus] = Field(default_factory=dict)
+    #: Reply field (from, text) -> JSON key or dotted path; merged over the defaults.
+    inbound_fields: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("path")
     @classmethod
@@ -136,6 +195,16 @@ class WebhookOptions(HttpSmsProviderOptions):
                 raise ValueError(f"two fields are sent under the JSON key '{key}': give each its own")
         return value
 
+    @field_validator("receipt_fields")
+    @classmethod
+    def _receipt_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        return _callback_fields(value, DEFAULT_RECEIPT_FIELDS, required=("reference", "status"))
+
+    @field_validator("inbound_fields")
+    @classmethod
+    def _inbound_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        return _callback_fields(value, DEFAULT_INBOUND_FIELDS, required=("from", "text"))
+
     @model_validator(mode="after")
     def _secret_not_in_headers(self) -> WebhookOptions:
         if self.auth_token is not None and self.auth_header.lower() in {h.lower() for h in self.headers}:
@@ -148,11 +217,28 @@ class WebhookOptions(HttpSmsProviderOptions):
         return [(ours, tuple(key.split("."))) for ours, key in mapping.items() if key]
 
 
+def _callback_fields(
+    value: dict[str, str], defaults: Mapping[str, str], required: tuple[str, ...]
+) -> dict[str, str]:
+    for name, key in value.items():
+        if name not in defaults:
+            raise ValueError(
+                f"unknown field '{name}'{did_you_mean(name, list(defaults))}; fields are: "
+                + ", ".join(defaults)
+            )
+        if key.startswith(".") or key.endswith(".") or ".." in key:
+            raise ValueError(f"'{key}' is not a JSON key or a dotted path such as data.id")
+        if not key and name in required:
+            raise ValueError(f"'{name}' cannot be left out: give the key it is read from")
+    return value
+
+
 class WebhookProvider(Provider):
     """Sends every channel as one JSON request per message; see the module docstring."""
 
     channels: ClassVar[frozenset[Channel]] = frozenset(Channel)
     Options: ClassVar[type[ProviderOptions]] = WebhookOptions
+    webhooks: ClassVar[frozenset[str]] = frozenset({"receipts", "inbound"})
 
     def __init__(self, account: str, options: ProviderOptions, **context: Any) -> None:
         super().__init__(account, options, **context)
@@ -166,6 +252,11 @@ class WebhookProvider(Provider):
         self._unregistered_codes = frozenset(options.unregistered_codes)
         self._reference_path = _path(options.reference_field)
         self._error_path = _path(options.error_field)
+        receipt_keys = {**DEFAULT_RECEIPT_FIELDS, **options.receipt_fields}
+        self._receipt_paths = {name: _path(key) for name, key in receipt_keys.items()}
+        self._receipt_statuses = options.receipt_statuses or DEFAULT_RECEIPT_STATUSES
+        inbound_keys = {**DEFAULT_INBOUND_FIELDS, **options.inbound_fields}
+        self._inbound_paths = {name: _path(key) for name, key in inbound_keys.items()}
         # Made on the first send: the instance is built per worker process before any loop runs.
         self._transport: HttpTransport | None = None
         self._headers: dict[str, str] | None = None
@@ -257,6 +348,52 @@ class WebhookProvider(Provider):
     async def close(self) -> None:
         if self._transport is not None:
             await self._transport.close()
+
+    # -- webhooks: receipts and replies (``smartpush serve``) ----------------------------------------
+
+    def parse_receipts(self, request: WebhookRequest) -> list[Receipt]:
+        documents = request.json if isinstance(request.json, list) else [_document(request)]
+        receipts = []
+        for document in documents:
+            if not isinstance(document, dict):
+                raise ValueError("a receipt is a JSON object")
+            reference = _scalar(_dig(document, self._receipt_paths["reference"]))
+            status = _scalar(_dig(document, self._receipt_paths["status"]))
+            if reference is None or status is None:
+                raise ValueError("a receipt has a reference and a status")
+            mapped = self._receipt_statuses.get(status)
+            if mapped is None:  # an interim status the account does not map: nothing to record
+                continue
+            code = _scalar(_dig(document, self._receipt_paths["error_code"]))
+            if not mapped.endswith("failure"):
+                receipts.append(Receipt(reference, mapped))
+                continue
+            dead = mapped == "permanent-failure" and code is not None and code in self._unregistered_codes
+            text = f"the provider reports {mapped}" + (f" ({code})" if code else "")
+            receipts.append(Receipt(reference, mapped, code, text, dead))
+        return receipts
+
+    def parse_inbound(self, request: WebhookRequest) -> InboundSms:
+        document = _document(request)
+        sender = _scalar(_dig(document, self._inbound_paths["from"]))
+        if sender is None:
+            raise ValueError("a reply has a sender")
+        return InboundSms(sender, _scalar(_dig(document, self._inbound_paths["text"])) or "")
+
+
+def _document(request: WebhookRequest) -> dict[str, Any]:
+    """A JSON object as it is, or the query and form fields (first value of each) as one."""
+    if request.json is not None and not isinstance(request.json, dict):
+        raise ValueError("the body is JSON, but not an object")
+    return {k: v[0] if isinstance(v, list) and v else v for k, v in request.fields().items()}
+
+
+def _scalar(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
 
 
 def _path(dotted: str) -> tuple[str, ...]:
