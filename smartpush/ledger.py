@@ -47,9 +47,11 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, Stateme
 from .errors import InfrastructureError, RunNotFound
 from .ledger_schema import WRITE, UTCDateTime, make_engine, upgrade
 from .ledger_schema import messages as messages_t
+from .ledger_schema import receipts as receipts_t
 from .ledger_schema import recipients as recipients_t
 from .ledger_schema import runs as runs_t
 from .ledger_schema import suppressions as suppressions_t
+from .receipts import IncomingReceipt, MessageState, Settled, StoredReceipt, observe_delivery, settle
 
 __all__ = [
     "FAILED",
@@ -657,6 +659,12 @@ class Ledger:
                 len(params) - updated,
                 len(params),
             )
+        # Receipts that came before their send was recorded wait, stored, for its reference: apply them.
+        recorded = [
+            r.message_id for r in results if r.provider_reference is not None and r.status == Status.SENT
+        ]
+        if recorded:
+            self._apply_waiting_receipts(recorded, now)
 
     def activate_fallbacks(self, run_id: str, recipient_ids: Sequence[str], after_index: int) -> int:
         """For each recipient, its first ``waiting`` message after channel ``after_index`` → ``created``."""
@@ -938,6 +946,219 @@ class Ledger:
             )
             stmt = stmt.where(match)
         return list(conn.execute(stmt).scalars())
+
+    # Receipts ------------------------------------------------------------------------------------
+    # Delivery receipts (smartpush.receipts): matched to messages by (provider account, provider
+    # reference), every one stored in `receipts`, the proof of delivery. A message only moves up
+    # sent < temporary-failure < permanent-failure < delivered (smartpush.receipts.settle).
+
+    def store_receipts(self, incoming: Sequence[IncomingReceipt], now: datetime) -> list[Settled]:
+        """Store every receipt and apply those whose message is known, in one transaction.
+
+        Returns, for each receipt in order, its message as the receipts left it (``None``: no message
+        carries the reference yet; the receipt waits, stored, for :meth:`record` to record it) and
+        whether it moved the message. The messages are locked while they are settled (PostgreSQL:
+        ``FOR UPDATE``), so concurrent writers never lose a receipt's effect. Every path that delivers
+        a message observes ``smartpush_time_to_delivery_seconds``.
+        """
+        if not incoming:
+            return []
+        references: dict[str, set[str]] = {}
+        for item in incoming:
+            references.setdefault(item.provider, set()).add(item.receipt.provider_reference)
+        rows: list[dict[str, Any]] = []
+        settled: list[Settled] = []
+        with self._tx() as conn:
+            found: dict[tuple[str, str], list[MessageState]] = {}
+            for provider, refs in references.items():
+                for reference, states in self._receipt_messages(conn, provider, refs).items():
+                    found[provider, reference] = states
+            for item in incoming:
+                receipt = item.receipt
+                states = found.get((item.provider, receipt.provider_reference), [])
+                at = receipt.occurred_at or item.received_at
+                moved = False
+                for state in states:
+                    moved |= settle(state, receipt.status, receipt.error_code, receipt.error_text, at, now)
+                rows.append(
+                    {
+                        "provider": item.provider,
+                        "reference": receipt.provider_reference,
+                        "status": receipt.status,
+                        "error_code": receipt.error_code,
+                        "error_text": receipt.error_text,
+                        "occurred_at": receipt.occurred_at,
+                        "received_at": item.received_at,
+                        "message_id": states[0].id if states else None,
+                        "applied_at": now if states else None,
+                    }
+                )
+                settled.append(Settled(item, states[0] if states else None, moved))
+            changed = [s for ss in found.values() for s in ss if s.changed]
+            self._write_receipt_states(conn, changed, now)
+            conn.execute(receipts_t.insert(), rows)
+        observe_delivery(changed)
+        return settled
+
+    def settle_receipts(
+        self, provider: str, references: Collection[str], now: datetime
+    ) -> dict[str, MessageState]:
+        """Apply the stored receipts of these references that still wait for their message.
+
+        Returns the message of each reference some message carries, as it is now (whether this call,
+        :meth:`record` or an earlier receipt settled it). ``serve`` asks this a little after storing a
+        receipt that matched nothing: the send may have been recorded meanwhile.
+        """
+        result: dict[str, MessageState] = {}
+        with self._tx() as conn:
+            found = self._receipt_messages(conn, provider, references)
+            if not found:
+                return result
+            applied: list[dict[str, Any]] = []
+            r = receipts_t.c
+            for chunk in _chunks(sorted(found)):
+                waiting = (
+                    select(
+                        r.id, r.reference, r.status, r.error_code, r.error_text, r.occurred_at, r.received_at
+                    )
+                    .where(r.provider == provider, r.reference.in_(chunk), r.message_id.is_(None))
+                    .order_by(r.id)
+                )
+                for rid, reference, status, code, text, occurred, received in conn.execute(waiting):
+                    states = found[reference]
+                    for state in states:
+                        settle(state, status, code, text, occurred or received, now)
+                    applied.append({"b_rid": rid, "b_mid": states[0].id})
+            changed = [s for ss in found.values() for s in ss if s.changed]
+            self._write_receipt_states(conn, changed, now)
+            self._mark_receipts_applied(conn, applied, now)
+        observe_delivery(changed)
+        return {reference: states[0] for reference, states in found.items()}
+
+    def message_receipts(self, message_id: str) -> list[StoredReceipt]:
+        """Every receipt matched to a message, oldest first: the proof of what reached whom."""
+        stmt = (
+            select(*(receipts_t.c[f] for f in StoredReceipt.__slots__))
+            .where(receipts_t.c.message_id == message_id)
+            .order_by(receipts_t.c.received_at, receipts_t.c.id)
+        )
+        with self._tx(write=False) as conn:
+            return [StoredReceipt(*row) for row in conn.execute(stmt)]
+
+    def _receipt_messages(
+        self, conn: Connection, provider: str, references: Collection[str]
+    ) -> dict[str, list[MessageState]]:
+        """The messages of ``provider`` carrying these references, locked, by reference."""
+        m = messages_t.c
+        found: dict[str, list[MessageState]] = {}
+        for chunk in _chunks(sorted(set(references))):
+            stmt = (
+                select(m.provider_reference, m.id, m.status, m.channel, m.address, m.sent_at, m.delivered_at)
+                .add_columns(m.error_code, m.error_text)
+                .where(
+                    m.provider == provider, m.provider_reference.in_(chunk), m.provider_reference.is_not(None)
+                )
+                .order_by(m.id)
+                .with_for_update()
+            )
+            for reference, *values in conn.execute(stmt):
+                found.setdefault(reference, []).append(MessageState(*values))
+        return found
+
+    @staticmethod
+    def _write_receipt_states(conn: Connection, states: Sequence[MessageState], now: datetime) -> None:
+        if not states:
+            return
+        m = messages_t.c
+        stmt = (
+            update(messages_t)
+            .where(m.id == bindparam("b_id", type_=String), m.status == bindparam("b_old", type_=String))
+            .values(
+                status=bindparam("b_status", type_=String),
+                error_code=bindparam("b_code", type_=String),
+                error_text=bindparam("b_text", type_=String),
+                delivered_at=bindparam("b_delivered", type_=UTCDateTime()),
+                final_at=bindparam("b_now", type_=UTCDateTime()),
+                updated_at=bindparam("b_now", type_=UTCDateTime()),
+            )
+        )
+        params = [
+            {
+                "b_id": s.id,
+                "b_old": s.read_status,
+                "b_status": s.status,
+                "b_code": s.error_code,
+                "b_text": s.error_text,
+                "b_delivered": s.delivered_at,
+                "b_now": now,
+            }
+            for s in states
+        ]
+        conn.execute(stmt, params)
+
+    @staticmethod
+    def _mark_receipts_applied(conn: Connection, applied: list[dict[str, Any]], now: datetime) -> None:
+        if not applied:
+            return
+        stmt = (
+            update(receipts_t)
+            .where(receipts_t.c.id == bindparam("b_rid", type_=Integer))
+            .values(message_id=bindparam("b_mid", type_=String), applied_at=literal(now, UTCDateTime()))
+        )
+        conn.execute(stmt, applied)
+
+    def _apply_waiting_receipts(self, message_ids: Sequence[str], now: datetime) -> None:
+        """The hook at the end of :meth:`record`: receipts stored before these sends were recorded.
+
+        One read when none waits (the usual case); a failure is logged, never raised: the results are
+        recorded already, and ``serve`` looks at unmatched receipts again on its own.
+        """
+        m, r = messages_t.c, receipts_t.c
+        join = and_(r.provider == m.provider, r.reference == m.provider_reference)
+        ids = sorted(set(message_ids))
+        try:
+            waiting = False
+            for chunk in _chunks(ids):
+                probe = (
+                    select(r.id)
+                    .select_from(messages_t.join(receipts_t, join))
+                    .where(m.id.in_(chunk), r.message_id.is_(None))
+                    .limit(1)
+                )
+                with self._tx(write=False) as conn:
+                    if conn.execute(probe).first() is not None:
+                        waiting = True
+                        break
+            if not waiting:
+                return
+            states: dict[str, MessageState] = {}
+            with self._tx() as conn:
+                applied: list[dict[str, Any]] = []
+                for chunk in _chunks(ids):
+                    stmt = (
+                        select(r.id, r.status, r.error_code, r.error_text, r.occurred_at, r.received_at)
+                        .add_columns(m.id, m.status, m.channel, m.address, m.sent_at, m.delivered_at)
+                        .add_columns(m.error_code, m.error_text)
+                        .select_from(messages_t.join(receipts_t, join))
+                        .where(m.id.in_(chunk), r.message_id.is_(None))
+                        .order_by(m.id, r.id)
+                        .with_for_update(of=messages_t)
+                    )
+                    for rid, status, code, text, occurred, received, *message in conn.execute(stmt):
+                        state = states.setdefault(message[0], MessageState(*message))
+                        settle(state, status, code, text, occurred or received, now)
+                        applied.append({"b_rid": rid, "b_mid": state.id})
+                changed = [s for s in states.values() if s.changed]
+                self._write_receipt_states(conn, changed, now)
+                self._mark_receipts_applied(conn, applied, now)
+            observe_delivery(changed)
+        except (InfrastructureError, DBAPIError) as exc:
+            _log.warning(
+                "receipts waiting for %d just-recorded send(s) could not be applied (%s): they stay "
+                "stored, and serve looks at them again",
+                len(ids),
+                type(exc).__name__,
+            )
 
     # Suppression list ----------------------------------------------------------------------------
     def suppress(self, entries: Sequence[Suppression]) -> int:
