@@ -1189,6 +1189,61 @@ class Ledger:
                 found.update(conn.execute(stmt).scalars())
         return found
 
+    # Bounces: `smartpush bounces` applies delivery status notifications ------------------------
+    def messages_for_bounces(
+        self,
+        message_ids: Collection[str],
+        *,
+        references: Collection[str] = (),
+        providers: Collection[str] = (),
+    ) -> list[MessageRecord]:
+        """Messages whose id is among ``message_ids``, or whose provider reference is among
+        ``references`` at one of the ``providers`` accounts (the (provider, provider_reference) index
+        needs the account), without line or context.
+        """
+        found: dict[str, MessageRecord] = {}
+        accounts = sorted(set(providers))
+        with self._tx(write=False) as conn:
+            for chunk in _chunks(sorted(set(message_ids))):
+                rows = conn.execute(select(*_MESSAGE_COLUMNS).where(messages_t.c.id.in_(chunk)))
+                found.update((r.id, r) for r in (_message_from(row, None) for row in rows))
+            if accounts:
+                for chunk in _chunks(sorted(set(references))):
+                    stmt = select(*_MESSAGE_COLUMNS).where(
+                        messages_t.c.provider.in_(accounts), messages_t.c.provider_reference.in_(chunk)
+                    )
+                    found.update((r.id, r) for r in (_message_from(row, None) for row in conn.execute(stmt)))
+        return list(found.values())
+
+    def mark_bounced(self, failures: Sequence[tuple[str, str, str]], now: datetime) -> set[str]:
+        """``sent`` → ``permanent-failure`` for each (message id, error code, error text): mail the
+        provider accepted and that came back. Returns the ids changed; a message no longer ``sent``
+        (delivered, already failed) is left as it is.
+        """
+        by_error: dict[tuple[str, str], set[str]] = {}
+        for message_id, code, text in failures:
+            by_error.setdefault((code, text), set()).add(message_id)
+        changed: set[str] = set()
+        if not by_error:
+            return changed
+        with self._tx() as conn:
+            for (code, text), ids in sorted(by_error.items()):
+                for chunk in _chunks(sorted(ids)):
+                    stmt = (
+                        update(messages_t)
+                        .where(messages_t.c.id.in_(chunk), messages_t.c.status == Status.SENT.value)
+                        .values(
+                            status=Status.PERMANENT_FAILURE.value,
+                            error_code=code,
+                            error_text=text,
+                            final_at=now,
+                            updated_at=now,
+                        )
+                        .returning(messages_t.c.id)
+                    )
+                    changed.update(conn.execute(stmt).scalars())
+        return changed
+
     # Visibility: what `status` shows per provider account ----------------------------------------
     def sent_per_provider(self, run_id: str, since: Sequence[datetime]) -> dict[str, list[int]]:
         """Per provider account, the run's messages handed to it (``sent_at``) since each of ``since``.
