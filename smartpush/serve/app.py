@@ -9,6 +9,9 @@ Routes:
 * ``GET|POST /inbound/{account}`` — SMS replies of a provider account: ``STOP``/``ARRET`` opt out.
 
 Every handler reaches the shared state through ``request.app.state.ctx`` (:class:`ServeContext`).
+Every request goes through :class:`~smartpush.serve.limits.RequestLimits` first: a capped body, 500
+without detail for an unhandled exception, security headers, and an access line that names the route
+template, never the path (tokens and secrets travel in paths and query strings).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from ..config import Config
@@ -47,6 +51,7 @@ def create_app(config: Config, *, ledger: Ledger | None = None) -> Starlette:
     """The application for ``config``; ``ledger`` defaults to the configured one (migrated)."""
     from ..runtime import database_url
     from . import health, unsubscribe, webhooks
+    from .limits import RequestLimits
 
     if ledger is None:
         ledger = Ledger(database_url(config))
@@ -71,6 +76,6 @@ def create_app(config: Config, *, ledger: Ledger | None = None) -> Starlette:
         Route("/webhooks/{account}", webhooks.receipt, methods=["GET", "POST"]),
         Route("/inbound/{account}", webhooks.inbound, methods=["GET", "POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, middleware=[Middleware(RequestLimits)], lifespan=lifespan)
     app.state.ctx = ctx
     return app
