@@ -377,6 +377,43 @@ def bounces_(state: State, path: Path, dry_run: bool) -> None:
     bounces.bounces(state, path, dry_run)
 
 
+@cli.command()
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. The default answers this machine only; 0.0.0.0 answers every network.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Port to listen on (0: any free port, printed at start).",
+)
+@common
+@click.pass_obj
+def serve(state: State, host: str, port: int) -> None:
+    """Serve HTTP: delivery receipts, STOP replies, one-click unsubscribe, /metrics and /healthz.
+
+    Routes: /webhooks/ACCOUNT (receipts), /inbound/ACCOUNT (SMS replies), /unsubscribe/TOKEN (the
+    links in emails and templates), /healthz (200 when the ledger and the broker answer, else 503) and
+    /metrics (Prometheus; every smartpush process of the host with PROMETHEUS_MULTIPROC_DIR).
+
+    It listens on 127.0.0.1 only by default. To let providers and mail clients reach it, keep it
+    there and put a reverse proxy in front that terminates TLS (nginx, Caddy, HAProxy), e.g. nginx
+    `location / { proxy_pass http://127.0.0.1:8080; }` in an https server block, and set `public_url:`
+    in smartpush.yaml to that https address: unsubscribe links are built on it.
+
+    One process; the access log (standard error) names each request's route, status and duration,
+    never its path or query (they carry tokens). Stop with Ctrl-C or SIGTERM: requests in progress
+    finish first, then it exits 0.
+    """
+    from . import serve as serving
+
+    serving.serve(state, host, port)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the command and turns errors into exit codes."""
     try:
