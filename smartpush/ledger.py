@@ -1161,8 +1161,23 @@ class Ledger:
             )
 
     # Suppression list ----------------------------------------------------------------------------
-    def suppress(self, entries: Sequence[Suppression]) -> int:
-        """Add entries to the suppression list; an address already there keeps its first entry."""
+    def suppress(
+        self, entries: Sequence[Suppression], *, yielding: Collection[str] = ("opt-out", "complaint")
+    ) -> int:
+        """Add entries to the suppression list; returns how many were added or made stricter.
+
+        An address already on a channel's list keeps its first entry, except that an entry whose
+        reason is one of ``yielding`` (the reasons ``service`` notices send through, see
+        :mod:`smartpush.suppression`) gives way to one whose reason is not: an address that opted
+        out and then bounced must stop every campaign, not only marketing and information.
+        """
+        strict_first: dict[tuple[str, str], Suppression] = {}
+        for e in entries:  # one entry per address, the stricter when a batch names it twice
+            known = strict_first.get((e.channel, e.address_hash))
+            if known is None or (known.reason in yielding and e.reason not in yielding):
+                strict_first[(e.channel, e.address_hash)] = e
+        if not strict_first:
+            return 0
         rows = [
             {
                 "channel": e.channel,
@@ -1171,23 +1186,132 @@ class Ledger:
                 "source": e.source,
                 "created_at": e.created_at,
             }
-            for e in entries
+            for e in strict_first.values()
         ]
-        if not rows:
-            return 0
+        columns = suppressions_t.c
+        insert = self._insert_ignore(suppressions_t).returning(columns.channel, columns.address_hash)
         with self._tx() as conn:
-            return int(conn.execute(self._insert_ignore(suppressions_t), rows).rowcount or 0)
+            # RETURNING names the rows really inserted: executemany's rowcount is -1 on PostgreSQL.
+            added = {(row[0], row[1]) for row in conn.execute(insert, rows)}
+            stricter: dict[tuple[str, str, str, datetime], list[str]] = {}
+            for (channel, address_hash), e in strict_first.items():
+                if (channel, address_hash) not in added and e.reason not in yielding:
+                    stricter.setdefault((channel, e.reason, e.source, e.created_at), []).append(address_hash)
+            made_stricter = 0
+            for (channel, reason, source, created_at), hashes in stricter.items():
+                for chunk in _chunks(hashes):
+                    stmt = (
+                        update(suppressions_t)
+                        .where(
+                            columns.channel == channel,
+                            columns.address_hash.in_(chunk),
+                            columns.reason.in_(list(yielding)),
+                        )
+                        .values(reason=reason, source=source, created_at=created_at)
+                    )
+                    made_stricter += conn.execute(stmt).rowcount
+        return len(added) + made_stricter
 
     def suppressed(self, channel: str, address_hashes: Collection[str]) -> set[str]:
         """Which of these keyed address hashes are on the channel's suppression list."""
-        found: set[str] = set()
-        for chunk in _chunks(sorted(set(address_hashes))):
-            stmt = select(suppressions_t.c.address_hash).where(
-                suppressions_t.c.channel == channel, suppressions_t.c.address_hash.in_(chunk)
+        return set(self.suppression_reasons(channel, address_hashes))
+
+    def suppression_reasons(self, channel: str, address_hashes: Collection[str]) -> dict[str, str]:
+        """The reason of each of these keyed address hashes on the channel's list (absent: not on it).
+
+        One query (SQLite: one per 500 hashes), on the primary key: the check before each batch of
+        sends, and at launch per batch of the split.
+        """
+        found: dict[str, str] = {}
+        columns = suppressions_t.c
+        if self._postgresql and address_hashes:
+            # One array parameter: 2,000 hashes cost one query and one scan, where IN lists of 500
+            # cost four of each (98 ms against 15 ms against a list of 100,000 entries).
+            from sqlalchemy import any_
+
+            hashes = bindparam("hashes", sorted(set(address_hashes)), type_=postgresql.ARRAY(String))
+            stmt = select(columns.address_hash, columns.reason).where(
+                columns.channel == channel, columns.address_hash == any_(hashes)
             )
             with self._tx(write=False) as conn:
-                found.update(conn.execute(stmt).scalars())
+                return {h: r for h, r in conn.execute(stmt)}
+        for chunk in _chunks(sorted(set(address_hashes))):
+            stmt = select(columns.address_hash, columns.reason).where(
+                columns.channel == channel, columns.address_hash.in_(chunk)
+            )
+            with self._tx(write=False) as conn:
+                found.update((h, r) for h, r in conn.execute(stmt))
         return found
+
+    def suppressed_channels(self, channels: Collection[str]) -> set[str]:
+        """Which of these channels have at least one entry on the list: one index probe each.
+
+        A launch asks once, and looks nothing up for a channel whose list is empty.
+        """
+        columns = suppressions_t.c
+        with self._tx(write=False) as conn:
+            return {
+                c
+                for c in sorted(set(channels))
+                if conn.execute(select(columns.channel).where(columns.channel == c).limit(1)).first()
+            }
+
+    def unsuppress(self, channel: str, address_hashes: Collection[str]) -> int:
+        """Remove these keyed address hashes from the channel's list; returns how many were there."""
+        removed = 0
+        columns = suppressions_t.c
+        with self._tx() as conn:
+            for chunk in _chunks(sorted(set(address_hashes))):
+                stmt = suppressions_t.delete().where(
+                    columns.channel == channel, columns.address_hash.in_(chunk)
+                )
+                removed += conn.execute(stmt).rowcount
+        return removed
+
+    def latest_suppressions(
+        self, *, channel: str | None = None, reason: str | None = None, limit: int = 50
+    ) -> list[Suppression]:
+        """The newest entries first (then by channel and hash), at most ``limit``."""
+        columns = suppressions_t.c
+        stmt = (
+            select(suppressions_t)
+            .order_by(columns.created_at.desc(), columns.channel, columns.address_hash)
+            .limit(limit)
+        )
+        if channel is not None:
+            stmt = stmt.where(columns.channel == channel)
+        if reason is not None:
+            stmt = stmt.where(columns.reason == reason)
+        with self._tx(write=False) as conn:
+            return [Suppression(**row) for row in conn.execute(stmt).mappings()]
+
+    def iter_suppressions(self, *, channel: str | None = None) -> Iterator[Suppression]:
+        """Every entry, by channel then hash, read in pages (keyset): an export never holds the database."""
+        columns = suppressions_t.c
+        base = select(suppressions_t).order_by(columns.channel, columns.address_hash).limit(_STREAM_BATCH)
+        if channel is not None:
+            base = base.where(columns.channel == channel)
+        stmt = base
+        while True:
+            with self._tx(write=False) as conn:
+                batch = [Suppression(**row) for row in conn.execute(stmt).mappings()]
+            yield from batch
+            if len(batch) < _STREAM_BATCH:
+                return
+            last = batch[-1]
+            stmt = base.where(
+                or_(
+                    columns.channel > last.channel,
+                    and_(columns.channel == last.channel, columns.address_hash > last.address_hash),
+                )
+            )
+
+    def suppression_counts(self) -> dict[tuple[str, str], int]:
+        """(channel, reason) → entries on the list."""
+        columns = suppressions_t.c
+        stmt = select(columns.channel, columns.reason, func.count()).group_by(columns.channel, columns.reason)
+        with self._tx(write=False) as conn:
+            return {(channel, reason): int(n) for channel, reason, n in conn.execute(stmt)}
 
     # Bounces: `smartpush bounces` applies delivery status notifications ------------------------
     def messages_for_bounces(
