@@ -5,6 +5,11 @@ now, written in bulk with the recipient's row (its render context). A segment is
 is complete, so sending starts while a large audience is still being split. A launch that dies half-way
 is finished by launching again with the same ``--key``: rows already stored are skipped, and the
 ledger's unique keys make a repeated row harmless.
+
+Addresses on the suppression list are stored ``suppressed`` (the reason as error code), under the
+campaign category's policy (:mod:`smartpush.suppression`); a ``first-reachable`` recipient's next
+channel then becomes the one to try. The list is asked once per launch which channels it holds
+entries for: with none, no address is looked up at all; otherwise one query per channel per batch.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .audience import Row
-from .ledger import NewMessage, NewRecipient, RunRecord, RunState, Status
+from .ledger import Ledger, NewMessage, NewRecipient, RunRecord, RunState, Status
 from .loading import PreparedCampaign
 from .recipients import Evaluator
 from .runtime import Runtime
+from .suppression import lookup, stops, suppressed_text
 from .templating import PROVIDED_NAMES
 
 __all__ = ["Launch", "launch", "new_id"]
@@ -67,6 +73,7 @@ class Launch:
     filtered: int = 0
     duplicates: int = 0
     invalid_rows: int = 0
+    suppressed: int = 0  # messages this launch stored `suppressed`
 
 
 def launch(
@@ -133,7 +140,14 @@ def _split(
     source = rows if rows is not None else prepared.audience
     last_line = after
 
-    writer = _Writer(rt, run.id, size, queued, enqueue)
+    # Asked once: a channel whose list is empty costs the split nothing.
+    listed = ledger.suppressed_channels(run.channels)
+    screen = (
+        _Screen(ledger, rt.config.secret_key(), run.category, run.strategy == "first-reachable", listed)
+        if listed
+        else None
+    )
+    writer = _Writer(rt, run.id, size, queued, enqueue, screen)
 
     def flush() -> None:
         writer.put(list(recipients), list(messages), last_line, index)
@@ -199,6 +213,7 @@ def _split(
         raise
     flush()
     queued = writer.finish()
+    result.suppressed = writer.suppressed
     ledger.update_split(
         run.id, split_line=last_line, segments=-(-index // size), recipients=index, complete=True
     )
@@ -210,7 +225,55 @@ def _split(
     if fresh is not None:
         result.run = fresh
     ledger.finish_if_done(run.id, datetime.now(UTC))
-    logger.info("run %s split: %d recipients in %d segments", run.id, index, -(-index // size))
+    logger.info(
+        "run %s split: %d recipients in %d segments, %d messages suppressed",
+        run.id,
+        index,
+        -(-index // size),
+        result.suppressed,
+    )
+
+
+class _Screen:
+    """Marks a batch's messages whose address is on the suppression list, under the run's policy."""
+
+    def __init__(
+        self, ledger: Ledger, key: bytes, category: str, first_reachable: bool, channels: set[str]
+    ) -> None:
+        self.ledger = ledger
+        self.key = key
+        self.category = category
+        self.first_reachable = first_reachable
+        self.channels = channels  # the channels whose list holds entries
+
+    def apply(self, messages: list[NewMessage]) -> int:
+        """Suppress in place; returns how many. One lookup per listed channel for the whole batch."""
+        candidates = [
+            m
+            for m in messages
+            if m.address is not None
+            and m.channel in self.channels
+            and m.status in (Status.CREATED, Status.WAITING)
+        ]
+        if not candidates:
+            return 0
+        reasons = lookup(self.ledger, self.key, [(m.channel, m.address) for m in candidates], self.channels)
+        affected: set[str] = set()
+        for message, reason in zip(candidates, reasons, strict=True):
+            if reason is not None and stops(self.category, reason):
+                message.status = Status.SUPPRESSED
+                message.error_code = reason
+                message.error_text = suppressed_text(message.channel, reason)
+                affected.add(message.recipient_id)
+        if self.first_reachable and affected:
+            # As the split decides it: the first channel still to try is due, later ones wait for it.
+            reached: set[str] = set()
+            for message in messages:
+                if message.recipient_id in affected and message.status in (Status.CREATED, Status.WAITING):
+                    seen = message.recipient_id in reached
+                    message.status = Status.WAITING if seen else Status.CREATED
+                    reached.add(message.recipient_id)
+        return sum(1 for m in candidates if m.status is Status.SUPPRESSED)
 
 
 class _Writer:
@@ -224,8 +287,12 @@ class _Writer:
     #: Batches waiting to be written: enough to keep the database busy, bounded to keep memory flat.
     DEPTH = 2
 
-    def __init__(self, rt: Runtime, run_id: str, size: int, queued: int, enqueue: Enqueue) -> None:
+    def __init__(
+        self, rt: Runtime, run_id: str, size: int, queued: int, enqueue: Enqueue, screen: _Screen | None
+    ) -> None:
         self.ledger = rt.ledger
+        self.screen = screen
+        self.suppressed = 0
         self.run_id = run_id
         self.size = size
         self.queued = queued
@@ -260,6 +327,8 @@ class _Writer:
             recipients, messages, last_line, index = job
             try:
                 if recipients:
+                    if self.screen is not None:  # here, so the lookups overlap the reading of rows
+                        self.suppressed += self.screen.apply(messages)
                     self.ledger.add_batch(self.run_id, recipients, messages)
                 self.ledger.update_split(
                     self.run_id, split_line=last_line, segments=-(-index // self.size), recipients=index

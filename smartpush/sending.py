@@ -88,6 +88,8 @@ def process_segment(
     ``should_yield`` is asked after each batch: when it answers True the segment re-enqueues itself
     at once and gives its thread up (segments of a higher priority are waiting for one).
     """
+    from .suppression import screen
+
     ledger = rt.ledger
     outcome = SegmentOutcome()
     run = ledger.get_run(run_id)
@@ -135,7 +137,16 @@ def process_segment(
             ]
             ledger.record(expired, now)
             _follow_up(rt, run, late, expired, outcome)
+        # The suppression list again, just before sending: an opt-out received mid-run stops the next
+        # message. One query per channel of the batch.
+        screened = screen(ledger, rt.config.secret_key(), run.category, batch)
+        if screened.stopped:
+            ledger.record(screened.results, now)
+            _follow_up(rt, run, screened.stopped, screened.results, outcome)  # next channel, if any
+            batch = screened.send
         results, handed_back = rt.run(_send_all(rt, prepared, evaluator, batch, should_yield))
+        if screened.bypassed:  # a `service` notice sent despite an opt-out: on record
+            results = screened.mark(results)
         ledger.record(results, now_utc())
         _suppress_dead_addresses(rt, batch, results)
         _follow_up(rt, run, batch, results, outcome)
