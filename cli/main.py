@@ -414,6 +414,130 @@ def serve(state: State, host: str, port: int) -> None:
     serving.serve(state, host, port)
 
 
+#: The suppression list's channels and reasons (smartpush.suppression, not imported here: it is heavy).
+_SUPPRESS_CHANNELS = ("sms", "email", "push")
+_SUPPRESS_REASONS = ("opt-out", "hard-bounce", "complaint", "unregistered", "manual")
+
+
+def _list_channel(f: F) -> F:
+    return click.option(
+        "--channel",
+        type=click.Choice(_SUPPRESS_CHANNELS),
+        required=True,
+        help="The channel whose list it is.",
+    )(f)
+
+
+def _only_channel(f: F) -> F:
+    return click.option(
+        "--channel", type=click.Choice(_SUPPRESS_CHANNELS), help="Only this channel's entries."
+    )(f)
+
+
+@cli.group()
+@common
+def suppress() -> None:
+    """The suppression list: addresses a channel must not message, each with a reason.
+
+    It holds keyed hashes of addresses, never the addresses. Reasons: opt-out, hard-bounce, complaint,
+    unregistered, manual. `marketing` and `information` campaigns skip every entry; `service`
+    campaigns (legally required notices) still reach addresses on the list for opt-out or complaint,
+    and each such send is on record, but never hard-bounce, unregistered or manual ones. It is
+    applied when a run is launched and again just before each message is sent.
+    """
+
+
+@suppress.command("add")
+@click.argument("addresses", nargs=-1, required=True)
+@_list_channel
+@click.option(
+    "--reason", type=click.Choice(_SUPPRESS_REASONS), default="manual", show_default=True, help="Why."
+)
+@common
+@click.pass_obj
+def suppress_add(state: State, addresses: tuple[str, ...], channel: str, reason: str) -> None:
+    """Put each ADDRESS (a phone number, an email address or a push token) on the channel's list.
+
+    Phones are read as smartpush.yaml's `region` reads them (06 12 34 56 78 is +33612345678 in FR);
+    quote a number written with spaces when you add several. Nothing is added if one is invalid.
+    """
+    from . import suppress as bodies
+
+    bodies.add(state, channel, reason, addresses)
+
+
+@suppress.command("remove")
+@click.argument("addresses", nargs=-1, required=True)
+@_list_channel
+@common
+@click.pass_obj
+def suppress_remove(state: State, addresses: tuple[str, ...], channel: str) -> None:
+    """Take each ADDRESS off the channel's list: campaigns may message it again."""
+    from . import suppress as bodies
+
+    bodies.remove(state, channel, addresses)
+
+
+@suppress.command("list")
+@_only_channel
+@click.option("--reason", type=click.Choice(_SUPPRESS_REASONS), help="Only entries with this reason.")
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True, help="How many entries.")
+@common
+@click.pass_obj
+def suppress_list(state: State, channel: str | None, reason: str | None, limit: int) -> None:
+    """Show the newest entries (channel, hash, reason, source, time) and how many there are."""
+    from . import suppress as bodies
+
+    bodies.list_entries(state, channel, reason, limit)
+
+
+@suppress.command("import")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@_list_channel
+@click.option(
+    "--column",
+    metavar="NAME",
+    help="The column holding the addresses. Default: phone, email or push_token (by channel), or "
+    "the file's only column.",
+)
+@click.option(
+    "--reason", type=click.Choice(_SUPPRESS_REASONS), default="opt-out", show_default=True, help="Why."
+)
+@common
+@click.pass_obj
+def suppress_import(state: State, file: Path, channel: str, column: str | None, reason: str) -> None:
+    """Put every address of a CSV FILE on the channel's list, streaming it.
+
+    The encoding and delimiter are detected as for audiences. A bad row is reported with its line
+    number and counted; the others are added. Prints how many were added, already there and invalid;
+    exits 1 if any row was invalid.
+    """
+    from . import suppress as bodies
+
+    bodies.import_file(state, file, channel, column, reason)
+
+
+@suppress.command("export")
+@click.option(
+    "--out",
+    "-o",
+    "out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write to this file instead of standard output.",
+)
+@_only_channel
+@common
+@click.pass_obj
+def suppress_export(state: State, out: Path | None, channel: str | None) -> None:
+    """Write the whole list as CSV: channel, address_hash, reason, source, created_at.
+
+    With --json and no --out, a JSON array of the same records.
+    """
+    from . import suppress as bodies
+
+    bodies.export(state, out, channel)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the command and turns errors into exit codes."""
     try:
