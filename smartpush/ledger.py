@@ -51,7 +51,15 @@ from .ledger_schema import receipts as receipts_t
 from .ledger_schema import recipients as recipients_t
 from .ledger_schema import runs as runs_t
 from .ledger_schema import suppressions as suppressions_t
-from .receipts import IncomingReceipt, MessageState, Settled, StoredReceipt, observe_delivery, settle
+from .receipts import (
+    RANK,
+    IncomingReceipt,
+    MessageState,
+    Settled,
+    StoredReceipt,
+    observe_delivery,
+    settle,
+)
 
 __all__ = [
     "FAILED",
@@ -952,52 +960,184 @@ class Ledger:
     # reference), every one stored in `receipts`, the proof of delivery. A message only moves up
     # sent < temporary-failure < permanent-failure < delivered (smartpush.receipts.settle).
 
+    #: store_receipts on PostgreSQL, in one round trip: the batch as arrays; its messages locked; per
+    #: message the best receipt of the batch (highest rank, first of equals) applied when it is higher
+    #: than the message's status (smartpush.receipts.settle, in SQL); every receipt inserted; one row
+    #: back per receipt, in order: the message's state after, its status before, and whether this
+    #: receipt moved it. A statement's CTEs all see the snapshot it started with, hence `moved` for the
+    #: state after.
+    _STORE_RECEIPTS_PG = """
+        WITH input AS (
+            SELECT * FROM unnest(
+                %(provider)s::text[], %(reference)s::text[], %(status)s::text[], %(code)s::text[],
+                %(text)s::text[], %(occurred)s::timestamptz[], %(received)s::timestamptz[]
+            ) WITH ORDINALITY AS i(provider, reference, status, code, text, occurred, received, n)
+        ),
+        locked AS (
+            SELECT m.id, m.provider, m.provider_reference AS reference, m.status, m.channel, m.address,
+                   m.sent_at, m.delivered_at, m.error_code, m.error_text
+            FROM messages m
+            WHERE (m.provider, m.provider_reference) IN (SELECT DISTINCT provider, reference FROM input)
+              AND m.provider_reference IS NOT NULL
+            ORDER BY m.id
+            FOR UPDATE
+        ),
+        ranked AS (
+            SELECT l.id, i.n, i.status, i.code, i.text, coalesce(i.occurred, i.received) AS at,
+                   array_position(ARRAY['sent', 'temporary-failure', 'permanent-failure', 'delivered'],
+                                  i.status) AS r,
+                   array_position(ARRAY['sent', 'temporary-failure', 'permanent-failure', 'delivered'],
+                                  l.status::text) AS current
+            FROM locked l JOIN input i ON i.provider = l.provider AND i.reference = l.reference
+        ),
+        best AS (
+            SELECT DISTINCT ON (id) id, n, status, code, text, at, r, current
+            FROM ranked WHERE r IS NOT NULL
+            ORDER BY id, r DESC, n
+        ),
+        moved AS (
+            UPDATE messages m SET
+                status = b.status,
+                error_code = CASE WHEN b.status = 'delivered' THEN NULL ELSE b.code END,
+                error_text = CASE WHEN b.status = 'delivered' THEN NULL ELSE b.text END,
+                delivered_at = CASE WHEN b.status = 'delivered'
+                    THEN greatest(least(b.at, %(now)s::timestamptz), m.sent_at) ELSE m.delivered_at END,
+                final_at = %(now)s::timestamptz,
+                updated_at = %(now)s::timestamptz
+            FROM best b
+            WHERE m.id = b.id AND b.current IS NOT NULL AND b.r > b.current
+            RETURNING m.id, b.n, m.status, m.delivered_at, m.error_code, m.error_text
+        ),
+        first AS (
+            SELECT i.n, min(l.id) AS id
+            FROM input i LEFT JOIN locked l ON l.provider = i.provider AND l.reference = i.reference
+            GROUP BY i.n
+        ),
+        stored AS (
+            INSERT INTO receipts (provider, reference, status, error_code, error_text, occurred_at,
+                                  received_at, message_id, applied_at)
+            SELECT i.provider, i.reference, i.status, i.code, i.text, i.occurred, i.received, f.id,
+                   CASE WHEN f.id IS NULL THEN NULL ELSE %(now)s::timestamptz END
+            FROM input i JOIN first f ON f.n = i.n
+            ORDER BY i.n
+        )
+        SELECT l.id, coalesce(mv.status, l.status), l.channel, l.address, l.sent_at,
+               CASE WHEN mv.id IS NULL THEN l.delivered_at ELSE mv.delivered_at END,
+               CASE WHEN mv.id IS NULL THEN l.error_code ELSE mv.error_code END,
+               CASE WHEN mv.id IS NULL THEN l.error_text ELSE mv.error_text END,
+               l.status, coalesce(mv.n = f.n, false)
+        FROM first f
+        LEFT JOIN locked l ON l.id = f.id
+        LEFT JOIN moved mv ON mv.id = f.id
+        ORDER BY f.n
+    """
+
     def store_receipts(self, incoming: Sequence[IncomingReceipt], now: datetime) -> list[Settled]:
         """Store every receipt and apply those whose message is known, in one transaction.
 
         Returns, for each receipt in order, its message as the receipts left it (``None``: no message
         carries the reference yet; the receipt waits, stored, for :meth:`record` to record it) and
-        whether it moved the message. The messages are locked while they are settled (PostgreSQL:
-        ``FOR UPDATE``), so concurrent writers never lose a receipt's effect. Every path that delivers
-        a message observes ``smartpush_time_to_delivery_seconds``.
+        whether it moved the message: of a batch's receipts for one message, the highest status (the
+        first of equals) decides, as if they came one by one. The messages are locked while they are
+        settled, so concurrent writers never lose a receipt's effect. PostgreSQL does it all in one
+        statement (``_STORE_RECEIPTS_PG``). Every path that delivers a message observes
+        ``smartpush_time_to_delivery_seconds``.
         """
         if not incoming:
             return []
+        with self._tx() as conn:
+            if self._postgresql:
+                settled = self._store_receipts_pg(conn, incoming, now)
+                changed = list(
+                    {s.message.id: s.message for s in settled if s.message and s.message.changed}.values()
+                )
+            else:
+                settled, changed = self._store_receipts_sql(conn, incoming, now)
+        observe_delivery(changed)
+        return settled
+
+    def _store_receipts_sql(
+        self, conn: Connection, incoming: Sequence[IncomingReceipt], now: datetime
+    ) -> tuple[list[Settled], list[MessageState]]:
         references: dict[str, set[str]] = {}
         for item in incoming:
             references.setdefault(item.provider, set()).add(item.receipt.provider_reference)
+        found: dict[tuple[str, str], list[MessageState]] = {}
+        for provider, refs in references.items():
+            for reference, states in self._receipt_messages(conn, provider, refs).items():
+                found[provider, reference] = states
+        best: dict[str, tuple[int, int, MessageState]] = {}  # message id -> (rank, index, state)
+        for index, item in enumerate(incoming):
+            rank = RANK.get(item.receipt.status, -1)
+            for state in found.get((item.provider, item.receipt.provider_reference), []):
+                if state.id not in best or rank > best[state.id][0]:
+                    best[state.id] = (rank, index, state)
+        moved: set[int] = set()
+        for _, index, state in best.values():
+            receipt = incoming[index].receipt
+            at = receipt.occurred_at or incoming[index].received_at
+            if settle(state, receipt.status, receipt.error_code, receipt.error_text, at, now):
+                moved.add(index)
         rows: list[dict[str, Any]] = []
         settled: list[Settled] = []
-        with self._tx() as conn:
-            found: dict[tuple[str, str], list[MessageState]] = {}
-            for provider, refs in references.items():
-                for reference, states in self._receipt_messages(conn, provider, refs).items():
-                    found[provider, reference] = states
-            for item in incoming:
-                receipt = item.receipt
-                states = found.get((item.provider, receipt.provider_reference), [])
-                at = receipt.occurred_at or item.received_at
-                moved = False
-                for state in states:
-                    moved |= settle(state, receipt.status, receipt.error_code, receipt.error_text, at, now)
-                rows.append(
-                    {
-                        "provider": item.provider,
-                        "reference": receipt.provider_reference,
-                        "status": receipt.status,
-                        "error_code": receipt.error_code,
-                        "error_text": receipt.error_text,
-                        "occurred_at": receipt.occurred_at,
-                        "received_at": item.received_at,
-                        "message_id": states[0].id if states else None,
-                        "applied_at": now if states else None,
-                    }
-                )
-                settled.append(Settled(item, states[0] if states else None, moved))
-            changed = [s for ss in found.values() for s in ss if s.changed]
-            self._write_receipt_states(conn, changed, now)
-            conn.execute(receipts_t.insert(), rows)
-        observe_delivery(changed)
+        for index, item in enumerate(incoming):
+            receipt = item.receipt
+            states = found.get((item.provider, receipt.provider_reference), [])
+            rows.append(
+                {
+                    "provider": item.provider,
+                    "reference": receipt.provider_reference,
+                    "status": receipt.status,
+                    "error_code": receipt.error_code,
+                    "error_text": receipt.error_text,
+                    "occurred_at": receipt.occurred_at,
+                    "received_at": item.received_at,
+                    "message_id": states[0].id if states else None,
+                    "applied_at": now if states else None,
+                }
+            )
+            settled.append(Settled(item, states[0] if states else None, index in moved))
+        changed = [s for ss in found.values() for s in ss if s.changed]
+        self._write_receipt_states(conn, changed, now)
+        conn.execute(receipts_t.insert(), rows)
+        return settled, changed
+
+    def _store_receipts_pg(
+        self, conn: Connection, incoming: Sequence[IncomingReceipt], now: datetime
+    ) -> list[Settled]:
+        """:meth:`store_receipts` on PostgreSQL: one statement, one round trip, whatever the batch."""
+        receipts = [item.receipt for item in incoming]
+        params = {
+            "provider": [item.provider for item in incoming],
+            "reference": [r.provider_reference for r in receipts],
+            "status": [r.status for r in receipts],
+            "code": [r.error_code for r in receipts],
+            "text": [r.error_text for r in receipts],
+            "occurred": [r.occurred_at for r in receipts],
+            "received": [item.received_at for item in incoming],
+            "now": now,
+        }
+        driver: Any = conn.connection.driver_connection  # psycopg's own connection, in our transaction
+        dbapi_error: Any = self._engine.dialect.loaded_dbapi.Error
+        try:
+            with driver.cursor() as cursor:
+                cursor.execute(self._STORE_RECEIPTS_PG, params)
+                rows = cursor.fetchall()
+        except dbapi_error as exc:  # the same exceptions as every other statement raises
+            raise DBAPIError.instance(self._STORE_RECEIPTS_PG, None, exc, dbapi_error) from exc
+        states: dict[str, MessageState] = {}
+        settled: list[Settled] = []
+        for item, row in zip(incoming, rows, strict=True):
+            message_id, moved = row[0], bool(row[9])
+            state = None
+            if message_id is not None:
+                state = states.get(message_id)
+                if state is None:
+                    state = states[message_id] = MessageState(
+                        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], read_status=row[8]
+                    )
+                state.changed |= moved
+            settled.append(Settled(item, state, moved))
         return settled
 
     def settle_receipts(
