@@ -352,6 +352,8 @@ _STATUSES: Mapping[str, ReceiptStatus] = {
     "read": "delivered",
     "canceled": "permanent-failure",
 }
+#: The recipient replied STOP to this sender: Twilio blocks the pair; the number itself is not dead.
+_REPLIED_STOP = "21610"
 #: ``failed`` and ``undelivered`` are permanent unless the ErrorCode says the failure may pass.
 _FAILED = frozenset({"failed", "undelivered"})
 
@@ -373,7 +375,7 @@ def parse_receipt(form_or_json: Mapping[str, Any]) -> Receipt | None:
     text = known[1] if known is not None else None
     if status in _FAILED:
         transient = known is not None and known[0] in ("throttled", "transient")
-        dead = known is not None and known[0] == "suppress"
+        dead = known is not None and known[0] == "suppress" and code != _REPLIED_STOP
         return Receipt(sid, "temporary-failure" if transient else "permanent-failure", code, text, dead)
     mapped = _STATUSES.get(status)
     if mapped is None:
