@@ -47,6 +47,8 @@ SEGMENT_SLICE_S = 30.0
 ALL_OPEN_WAIT = timedelta(seconds=10)
 #: How often a batch in flight asks whether its thread is wanted by higher-priority work.
 YIELD_POLL_S = 0.5
+#: A message that waited longer than this for its rate-limit turn checks the suppression list again.
+SUPPRESSION_RECHECK_S = 1.0
 #: How long a message waits when the shared rate-limit store (Redis) cannot be reached.
 STORE_DOWN_WAIT = timedelta(seconds=10)
 #: How long a throttled message waits when the provider gives no Retry-After.
@@ -354,6 +356,23 @@ def _outbound(
     )
 
 
+def _now_suppressed(rt: Runtime, prepared: PreparedCampaign, message: MessageRecord) -> Result | None:
+    """The ``suppressed`` result of a message whose address went on the list since its batch was
+    checked (a STOP or an unsubscribe while it waited for its rate-limit turn), else None."""
+    from .suppression import lookup, stops, suppressed_text
+
+    (reason,) = lookup(rt.ledger, rt.config.secret_key(), [(message.channel, message.address)])
+    if reason is None or not stops(prepared.campaign.category.value, reason):
+        return None
+    return Result(
+        message.id,
+        Status.SUPPRESSED,
+        attempted=False,
+        error_code=reason,
+        error_text=suppressed_text(message.channel, reason),
+    )
+
+
 def _quota_wait(rt: Runtime, message: MessageRecord, exc: QuotaExhausted) -> Result:
     """The account used its daily quota: the message stays due, for when the quota resets."""
     local = exc.resets_at.astimezone(ZoneInfo(rt.config.settings.timezone))
@@ -416,7 +435,7 @@ async def _send_one(
     try:
         if handback is not None and handback.on:
             raise HandedBack
-        await limiter.acquire(
+        waited = await limiter.acquire(
             units, priority=prepared.campaign.priority.value, group=message.run_id, tag=handback
         )
     except HandedBack:
@@ -427,6 +446,11 @@ async def _send_one(
         logger.warning("run %s message %s waits: %s", message.run_id, message.id, exc)
         later = now_utc() + STORE_DOWN_WAIT
         return Result(message.id, Status.CREATED, attempted=False, next_attempt_at=later)
+    if waited > SUPPRESSION_RECHECK_S:  # held for a while: an opt-out may have arrived meanwhile
+        stopped = await asyncio.to_thread(_now_suppressed, rt, prepared, message)
+        if stopped is not None:
+            await limiter.give_back(units)
+            return stopped
     try:
         async with limiter.slot():
             # The rate limit may have held this message for a while: is the run still sending?

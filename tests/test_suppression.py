@@ -350,6 +350,25 @@ def test_an_opt_out_received_mid_run_stops_the_next_message(
     }
 
 
+def test_an_opt_out_stops_a_message_already_claimed_and_waiting_for_its_turn(
+    tmp_path: Path, server: FakeProviderServer, harnesses: list[Harness]
+) -> None:
+    # One segment of 12, all claimed in one batch, sent at 4/s: the last waits about 3 s for its turn.
+    h = Harness(project(tmp_path, server, "information", rows=12, size=12, sms_rate="4/s"))
+    harnesses.append(h)
+    run_id = h.launch()
+    deadline = time.monotonic() + 10
+    while not server.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.requests, "nothing was sent"
+    put(h, "sms", phone(11), "opt-out")  # its message is claimed already, waiting for the rate
+    h.wait(run_id)
+    m = by_recipient(h, run_id)
+    assert (m["11", "sms"].status, m["11", "sms"].error_code) == (Status.SUPPRESSED, "opt-out")
+    assert phone(11) not in {r.json["to"] for r in server.requests}
+    assert m["11", "email"].status is Status.SENT  # first-reachable: the next channel took over
+
+
 def test_a_service_notice_reaches_an_opted_out_address_on_record_but_not_a_dead_one(
     tmp_path: Path, server: FakeProviderServer, harnesses: list[Harness]
 ) -> None:
