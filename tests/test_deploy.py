@@ -71,6 +71,8 @@ STATUSES = {
 }
 #: Labels Prometheus adds to every scraped series.
 TARGET_LABELS = {"job", "instance"}
+#: SPEC.md's "queue (waiting, delayed)": smartpush/metrics.py gives each queue's two lengths as `state`.
+STATE_LABELS = {"smartpush_queue_messages": frozenset({"state"})}
 
 #: Commands and options the deployment files use before the code has them, and why.
 PENDING_COMMANDS = {"scheduler": "`smartpush scheduler` comes with issue 8 (compose runs it under a profile)"}
@@ -124,7 +126,7 @@ def series_names(metrics: dict[str, tuple[str, frozenset[str]]]) -> dict[str, fr
             names[name + "_sum"] = labels
             names[name + "_count"] = labels
         else:
-            names[name] = labels
+            names[name] = labels | STATE_LABELS.get(name, frozenset())
     return names
 
 
@@ -204,12 +206,15 @@ def test_metrics_the_code_registers_have_spec_types() -> None:
 def test_every_metric_deploy_queries_is_registered_by_the_code() -> None:
     from prometheus_client import REGISTRY
 
-    import smartpush.metrics  # noqa: F401
+    import smartpush.metrics
 
     registered: set[str] = set()
     for family in REGISTRY.collect():
         name = family.name + "_total" if family.type == "counter" else family.name
         registered |= set(series_names({name: (family.type, frozenset())}))
+    # Gauges read when scraped (a collector, not a stored metric) are named by constants of the module.
+    constants = vars(smartpush.metrics).values()
+    registered |= {v for v in constants if isinstance(v, str) and v.startswith("smartpush_")}
     queried = {name for expr in dashboard_queries() + rule_queries() for name, _ in METRIC_RE.findall(expr)}
     missing = {name for name in queried if name.startswith("smartpush_")} - registered
     assert not missing, f"queried by deploy/ but not registered: {sorted(missing)}"
@@ -405,11 +410,14 @@ ALERT_SCENARIOS: list[dict[str, Any]] = [
             fires_for("25m", "SmartpushRunStuck", [{"severity": "critical", "run": "r1"}]),
         ],
     },
-    {  # bulk grows by 10 segments a minute; urgent is large but flat; normal drains
+    {  # bulk's waiting segments grow by 10 a minute (two workers report them); urgent is large but
+        # flat; normal drains
         "input_series": [
-            series(QUEUE, "100+10x90", queue="smartpush-bulk"),
-            series(QUEUE, "5000x90", queue="smartpush-urgent"),
-            series(QUEUE, "5000-50x90", queue="smartpush-normal"),
+            series(QUEUE, "60+10x90", queue="smartpush-bulk", state="waiting", instance="a"),
+            series(QUEUE, "60+10x90", queue="smartpush-bulk", state="waiting", instance="b"),
+            series(QUEUE, "50x90", queue="smartpush-bulk", state="delayed", instance="a"),
+            series(QUEUE, "5000x90", queue="smartpush-urgent", state="waiting", instance="a"),
+            series(QUEUE, "5000-50x90", queue="smartpush-normal", state="waiting", instance="a"),
         ],
         "alert_rule_test": [
             quiet("20m", "SmartpushQueueBacklogGrowing"),
@@ -523,7 +531,7 @@ def test_dashboard_shows_what_ops_need() -> None:
         "histogram_quantile(0.95, sum by (le, channel) (rate(smartpush_time_to_provider_seconds_bucket",
         "histogram_quantile(0.95, sum by (le, channel) (rate(smartpush_time_to_delivery_seconds_bucket",
         "smartpush_provider_latency_seconds_bucket",
-        "smartpush_queue_messages",
+        "max by (queue, state) (smartpush_queue_messages)",
         "rate(smartpush_rate_limit_wait_seconds_total",
         "sum by (provider, encoding) (rate(smartpush_sms_parts_total",
         "dramatiq_messages_total",
