@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 import uuid
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
+
+from . import logs
 
 __all__ = [
     "DAILY_QUOTA_CODE",
@@ -45,6 +48,8 @@ __all__ = [
     "StoreUnavailable",
     "reserve",
 ]
+
+logger = logging.getLogger("smartpush.ratelimit")
 
 #: ``error_code`` of a ``created`` message held back until tomorrow by its account's ``daily_quota``.
 DAILY_QUOTA_CODE = "daily-quota"
@@ -274,7 +279,7 @@ local quota = tonumber(ARGV[6])
 if quota > 0 then
   local left = quota - tonumber(redis.call('GET', KEYS[2]) or '0')
   if left <= 0 then
-    return {-1, tostring(now), tostring(now)}
+    return {-1, string.format('%.17g', now), string.format('%.17g', now)}
   end
   if demand > left then demand = left end
   if minimum > demand then minimum = demand end
@@ -286,7 +291,7 @@ local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or '0')
 if interval == 0 then
   if tat > now then first = tat end
   if first > now + horizon then
-    return {0, tostring(now), tostring(first - horizon)}
+    return {0, string.format('%.17g', now), string.format('%.17g', first - horizon)}
   end
 else
   if tat < now then tat = now end
@@ -300,17 +305,17 @@ else
   if granted < minimum then
     local again = first + (minimum - 1) * interval - horizon
     if again < now then again = now end
-    return {0, tostring(now), tostring(again)}
+    return {0, string.format('%.17g', now), string.format('%.17g', again)}
   end
   tat = tat + granted * interval
-  redis.call('HSET', KEYS[1], 'tat', tostring(tat))
+  redis.call('HSET', KEYS[1], 'tat', string.format('%.17g', tat))
   redis.call('PEXPIRE', KEYS[1], math.ceil((tat - now + tolerance) * 1000) + 60000)
 end
 if quota > 0 then
   redis.call('INCRBY', KEYS[2], granted)
   redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[8]))
 end
-return {granted, tostring(now), tostring(first)}
+return {granted, string.format('%.17g', now), string.format('%.17g', first)}
 """
 
 # KEYS: bucket hash. ARGV: seconds, tolerance, now (-1: Redis's clock).
@@ -324,11 +329,11 @@ local until_ = now + tonumber(ARGV[1])
 local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or '0')
 local pushed = until_ + tonumber(ARGV[2])
 if pushed > tat then
-  redis.call('HSET', KEYS[1], 'tat', tostring(pushed))
+  redis.call('HSET', KEYS[1], 'tat', string.format('%.17g', pushed))
 end
-redis.call('HSET', KEYS[1], 'paused_until', tostring(until_))
+redis.call('HSET', KEYS[1], 'paused_until', string.format('%.17g', until_))
 redis.call('PEXPIRE', KEYS[1], math.ceil((pushed - now) * 1000) + 60000)
-return tostring(until_)
+return string.format('%.17g', until_)
 """
 
 # KEYS: slot set. ARGV: holder, limit, lease seconds, now (-1: Redis's clock).
@@ -596,6 +601,17 @@ class AccountLimiter:
                 self._remove(waiter)
                 waiter.future.set_result(None)
         except Exception as exc:  # the store failed (Redis down): every waiter hears it, no task dies
+            if logs.every(("store-unavailable", self.bucket.account)):
+                logger.warning(
+                    "account %s: the rate-limit store cannot be reached (%s); its messages wait",
+                    self.bucket.account,
+                    type(exc).__name__,
+                    extra={
+                        "provider": self.bucket.account,
+                        "outcome": "store-down",
+                        "code": type(exc).__name__,
+                    },
+                )
             self._fail_all(StoreUnavailable(self.bucket.account, exc))
 
     def _remove(self, waiter: _Waiter) -> None:
@@ -633,6 +649,18 @@ class AccountLimiter:
                 await self._refund(len(self._stock))
                 self._stock.clear()
                 self._exhausted_until = bucket.day_ends(wall)
+                logger.warning(
+                    "account %s used its daily quota of %d: its messages wait until %s",
+                    bucket.account,
+                    bucket.daily_quota or 0,
+                    self._exhausted_until.isoformat(timespec="minutes"),
+                    extra={
+                        "provider": bucket.account,
+                        "outcome": "quota-exhausted",
+                        "quota": bucket.daily_quota,
+                        "resumes_at": self._exhausted_until,
+                    },
+                )
                 self._fail_all(QuotaExhausted(bucket.account, bucket.daily_quota or 0, self._exhausted_until))
                 return False
             offset = self.clock() - grant.now  # the store's clock → this process's clock
@@ -700,6 +728,13 @@ class AccountLimiter:
         in every other one. Units already reserved here are dropped and their quota refunded."""
         if seconds <= 0:
             return
+        if self._paused_until <= self.clock():  # once a pause, not once a throttled message
+            logger.info(
+                "account %s throttled by its provider: paused %.1f s",
+                self.bucket.account,
+                seconds,
+                extra={"provider": self.bucket.account, "outcome": "throttled", "delay_s": seconds},
+            )
         self._paused_until = max(self._paused_until, self.clock() + seconds)
         self._pause_generation += 1
         dropped = len(self._stock)
