@@ -64,6 +64,17 @@ def _engine(config: Config) -> Engine:
         ) from None
 
 
+def _configure_logs(state: State, *, progress: bool = True) -> None:
+    """Log lines on standard error (smartpush.logs): JSON lines for machines, text on a terminal.
+
+    On a terminal that shows the live progress view, only warnings by default: the view is the
+    report there (``SMARTPUSH_LOG_LEVEL=info`` prints the run and segment events above it).
+    """
+    from smartpush import logs
+
+    logs.configure("WARNING" if progress and sys.stderr.isatty() and not state.json else "INFO")
+
+
 def _exit_code(counts: dict[tuple[str, Status], int]) -> int:
     return EXIT_PARTIAL if any(n for (_, s), n in counts.items() if s in FAILED) else 0
 
@@ -74,6 +85,7 @@ def send(
     from smartpush.launch import launch
 
     with reporting(state):
+        _configure_logs(state)
         config = load_config(state.config)
         prepared = load_campaign(campaign, config)
         if not state.json:
@@ -186,9 +198,14 @@ def worker(state: State, processes: int | None, threads: int, queues: tuple[str,
     os.environ.setdefault("dramatiq_queue_prefetch", str(threads * PREFETCH_PER_THREAD))
     import dramatiq.cli
 
+    from smartpush import logs
     from smartpush.queueing import queue_name
 
     with reporting(state):
+        _configure_logs(state, progress=False)
+        # Dramatiq's worker processes write to a pipe: they log as this process does (format, level).
+        os.environ.setdefault(logs.ENV_FORMAT, "text" if sys.stderr.isatty() else "json")
+        os.environ.setdefault(logs.ENV_LEVEL, "info")
         config = load_config(state.config)
         if config.settings.broker is None:
             raise ConfigError(
@@ -247,6 +264,7 @@ def control(state: State, action: str, ref: str) -> None:
         config = load_config(state.config)
         now = datetime.now(UTC)
         if action == "resume":
+            _configure_logs(state)
             embedded = config.settings.broker is None
             engine = _engine(config)
             worker = engine.worker() if embedded else None
@@ -348,6 +366,7 @@ def resend(state: State, ref: str, statuses: tuple[str, ...], *, yes: bool, deta
     from smartpush.launch import launch
 
     with reporting(state):
+        _configure_logs(state)
         wanted = _statuses(statuses) or []
         if any(s not in FINAL for s in wanted):
             raise click.BadParameter("only final statuses can be resent", param_hint="--status")

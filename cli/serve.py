@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import signal
 import socket
 import sys
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
 
 #: Seconds requests in progress get to finish once a stop is asked for.
 GRACEFUL_S = 10
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class _Server(uvicorn.Server):
@@ -104,16 +102,18 @@ def _url(sock: socket.socket) -> str:
 
 
 def _configure_logging() -> None:
-    """Our lines and uvicorn's on standard error; other libraries only from warnings up."""
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=LOG_FORMAT)
-    for name in ("smartpush", "uvicorn"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    """Our lines and uvicorn's on standard error, as JSON lines unless it is a terminal
+    (smartpush.logs); other libraries only from warnings up."""
+    from smartpush import logs
+
+    logs.configure("INFO")
 
 
 def serve(state: State, host: str, port: int) -> None:
     from smartpush.serve import create_app
 
     with reporting(state):
+        _configure_logging()  # first: a bad SMARTPUSH_LOG_LEVEL is reported like any config error
         config = load_config(state.config)
         if not state.json:
             output.warnings(config.warnings)
@@ -130,7 +130,6 @@ def serve(state: State, host: str, port: int) -> None:
         else:
             output.err.print(f"smartpush serve: listening on {url} (Ctrl-C or SIGTERM stops it)")
 
-    _configure_logging()
     server = _Server(
         uvicorn.Config(
             app,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import logs
 from .config import load_config
 from .engine import Engine
 
@@ -20,6 +21,9 @@ ENGINE: Engine | None = None
 
 def setup() -> None:
     global ENGINE
+    # `smartpush worker` set SMARTPUSH_LOG_FORMAT and SMARTPUSH_LOG_LEVEL for its processes; this one
+    # writes to Dramatiq's log pipe (sys.stderr here), which Dramatiq's parent copies to its stderr.
+    logs.configure("INFO")
     path = os.environ.get("SMARTPUSH_CONFIG") or None
     config = load_config(Path(path) if path else None)
     if config.settings.broker is None:
