@@ -356,7 +356,11 @@ class ProviderToken:
         )
         self._issued_at = now
         self.generated += 1
-        log.info("new APNs provider JWT for key id %s", self._key_id)
+        log.info(
+            "new APNs provider JWT for key id %s",
+            self._key_id,
+            extra={"outcome": "new-credential"},
+        )
         return self._token
 
 

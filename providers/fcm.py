@@ -419,7 +419,11 @@ class FcmProvider(HttpProvider):
         response = await self._post(body, token)
         if response.status == HTTPStatus.UNAUTHORIZED and _details(response)[0] is None:
             # the access token was refused (revoked, clock skew): one fresh token, one more try
-            log.info("account %s: FCM refused the OAuth credential; fetching a new one", self.account)
+            log.info(
+                "account %s: FCM refused the OAuth credential; fetching a new one",
+                self.account,
+                extra={"provider": self.account, "outcome": "credential-refused"},
+            )
             self.tokens.invalidate(token)
             response = await self._post(body, await self.tokens.get())
         if 200 <= response.status < 300:  # noqa: PLR2004 - the 2xx range

@@ -388,7 +388,12 @@ class SmtpProvider(Provider):
         slot.smtp = smtp
         self.connects += 1
         log.debug(
-            "account %s: SMTP connection %d opened to %s:%d", self.account, slot.number, opts.host, opts.port
+            "account %s: SMTP connection %d opened to %s:%d",
+            self.account,
+            slot.number,
+            opts.host,
+            opts.port,
+            extra={"provider": self.account, "outcome": "connected"},
         )
         return smtp
 
@@ -438,6 +443,7 @@ class SmtpProvider(Provider):
                             "account %s: SMTP connection %d was closed; reconnecting",
                             self.account,
                             slot.number,
+                            extra={"provider": self.account, "outcome": "reconnecting"},
                         )
                         continue
                     raise TransientError(
@@ -447,7 +453,13 @@ class SmtpProvider(Provider):
                     if slot.smtp is not None and not slot.smtp.is_connected:
                         self._drop(slot)
                     error = classify_exception(exc)
-                    log.debug("account %s: SMTP send refused: %s", self.account, error)
+                    # The code only: a server's words may quote the address.
+                    log.debug(
+                        "account %s: SMTP send refused (%s)",
+                        self.account,
+                        type(error).__name__,
+                        extra={"provider": self.account, "code": error.code},
+                    )
                     raise error from None
                 if refused:  # only one recipient, so aiosmtplib raises instead; kept for safety
                     reply = next(iter(refused.values()))

@@ -50,6 +50,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from smartpush import logs
 from smartpush.errors import PermanentError, ProviderError, TechnicalError
 from smartpush.http import HttpResponse, HttpTransport, classify_status, retry_after
 from smartpush.provider import (
@@ -315,7 +316,12 @@ class WebhookProvider(Provider):
         try:
             found = _dig(response.json(), self._reference_path)
         except TechnicalError:  # the message was accepted: an unreadable answer only loses the reference
-            log.warning("account %s: a 2xx answer was not JSON; no provider reference kept", self.account)
+            if logs.every(("webhook-not-json", self.account)):  # once a minute, not once a message
+                log.warning(
+                    "account %s: a 2xx answer was not JSON; no provider reference kept",
+                    self.account,
+                    extra={"provider": self.account, "outcome": "no-reference"},
+                )
             return None
         if isinstance(found, str | int) and not isinstance(found, bool):
             return str(found)

@@ -563,6 +563,13 @@ def apply_bounces(
         report.read,
         ", ".join(f"{report.counts[o]} {o.value}" for o in Outcome),
         report.suppressed,
+        extra={
+            "outcome": "dry-run" if dry_run else "applied",
+            "source_kind": source.kind,
+            "mails": report.read,
+            "counts": {o.value: report.counts[o] for o in Outcome},
+            "suppressed": report.suppressed,
+        },
     )
     return report
 

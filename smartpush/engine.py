@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import UTC, datetime
 
 import dramatiq
@@ -16,7 +17,7 @@ from .config import Config
 from .ledger import RunState
 from .queueing import Dispatcher
 from .runtime import Runtime
-from .sending import process_segment
+from .sending import log_run_finished, process_segment
 
 __all__ = ["Engine"]
 
@@ -47,6 +48,7 @@ class Engine:
     def handle(self, run_id: str, segment: int) -> None:
         """The body of the segment actor."""
         priority = self.priority(run_id)
+        fields: dict[str, object] = {"run_id": run_id, "segment": segment, "priority": priority}
 
         def should_yield() -> bool:  # after each batch: give the thread to a waiting higher priority
             if not self.dispatcher.backlog.waiting_before(priority):
@@ -56,10 +58,42 @@ class Engine:
                 run_id,
                 segment,
                 priority,
+                extra={**fields, "outcome": "yielded"},
             )
             return True
 
-        process_segment(self.rt, self._enqueue_later, run_id, segment, should_yield=should_yield)
+        logger.info("run %s segment %d started", run_id, segment, extra={**fields, "outcome": "started"})
+        began = time.monotonic()
+        try:
+            done = process_segment(self.rt, self._enqueue_later, run_id, segment, should_yield=should_yield)
+        except Exception as exc:  # Dramatiq logs the traceback and retries the segment with backoff
+            logger.error(
+                "run %s segment %d failed with %s; Dramatiq retries it",
+                run_id,
+                segment,
+                type(exc).__name__,
+                extra={**fields, "outcome": "error", "code": type(exc).__name__},
+            )
+            raise
+        again = done.again_in_ms / 1000 if done.again_in_ms is not None else None
+        logger.info(
+            "run %s segment %d: %d sent, %d failed, %d to retry%s",
+            run_id,
+            segment,
+            done.sent,
+            done.failed,
+            done.retrying,
+            f"; again in {again:.1f} s" if again is not None else "",
+            extra={
+                **fields,
+                "outcome": "finished" if again is None else "continues",
+                "sent": done.sent,
+                "failed": done.failed,
+                "retrying": done.retrying,
+                "again_in_s": again,
+                "duration_s": round(time.monotonic() - began, 3),
+            },
+        )
 
     def priority(self, run_id: str) -> str:
         if run_id not in self._priorities:
@@ -105,11 +139,12 @@ class Engine:
                 segment,
                 released,
                 grace * LOST_FACTOR,
+                extra={"run_id": run_id, "segment": segment, "outcome": "requeued", "messages": released},
             )
             self.enqueue(run_id, segment)
         for run in ledger.list_runs(limit=200):
-            if run.state is RunState.RUNNING and run.split_complete:
-                ledger.finish_if_done(run.id, now)
+            if run.state is RunState.RUNNING and run.split_complete and ledger.finish_if_done(run.id, now):
+                log_run_finished(ledger, run, now)
         return len(found)
 
     def start_sweeper(self) -> threading.Thread:
@@ -120,7 +155,9 @@ class Engine:
                 try:
                     self.sweep()
                 except Exception:  # the sweeper must outlive a database hiccup
-                    logger.exception("sweeper failed; trying again in %d s", int(every))
+                    logger.exception(
+                        "sweeper failed; trying again in %d s", int(every), extra={"outcome": "error"}
+                    )
 
         thread = threading.Thread(target=loop, name="smartpush-sweeper", daemon=True)
         thread.start()

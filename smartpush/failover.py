@@ -9,6 +9,7 @@ on the next account; one refused for a recipient-side reason (permanent) is neve
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -16,6 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["Breaker", "choose_account"]
+
+logger = logging.getLogger("smartpush.failover")
 
 #: How long a process trusts its last reading of an account's breaker in Redis.
 _CACHE_S = 1.0
@@ -49,6 +52,8 @@ class Breaker:
                 if count >= self.errors:
                     self._redis.set(f"smartpush:breaker:{account}:open", 1, px=int(self.cooldown_s * 1000))
                     self._cache.pop(account, None)
+                    if count == self.errors:  # the worker whose failure opened it says so, once
+                        self._opened(account)
                 return
             except Exception:
                 pass
@@ -60,6 +65,17 @@ class Breaker:
             if len(stamps) >= self.errors:
                 self._open_until[account] = now + self.cooldown_s
                 stamps.clear()
+                self._opened(account)
+
+    def _opened(self, account: str) -> None:
+        logger.warning(
+            "account %s skipped for %.0f s: %d provider-side failures within %.0f s",
+            account,
+            self.cooldown_s,
+            self.errors,
+            self.within_s,
+            extra={"provider": account, "outcome": "failover", "delay_s": self.cooldown_s},
+        )
 
     def is_open(self, account: str) -> bool:
         """True while ``account`` is being skipped."""

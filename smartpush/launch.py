@@ -30,6 +30,7 @@ from .ledger import Ledger, NewMessage, NewRecipient, RunRecord, RunState, Statu
 from .loading import PreparedCampaign
 from .recipients import Evaluator
 from .runtime import Runtime
+from .sending import log_run_finished
 from .suppression import lookup, stops, suppressed_text
 from .templating import PROVIDED_NAMES
 
@@ -114,6 +115,19 @@ def launch(
     if run.split_complete:
         return result
     result.resumed = not created
+    logger.info(
+        "run %s of %s %s: splitting the audience",
+        run.id,
+        run.campaign,
+        "launched" if created else "resumed",
+        extra={
+            "run_id": run.id,
+            "campaign": run.campaign,
+            "outcome": "launched" if created else "resumed",
+            "priority": run.priority,
+            "channels": run.channels,
+        },
+    )
     _split(rt, prepared, run, result, enqueue, rows)
     return result
 
@@ -224,14 +238,27 @@ def _split(
     fresh = ledger.get_run(run.id)
     if fresh is not None:
         result.run = fresh
-    ledger.finish_if_done(run.id, datetime.now(UTC))
     logger.info(
         "run %s split: %d recipients in %d segments, %d messages suppressed",
         run.id,
         index,
         -(-index // size),
         result.suppressed,
+        extra={
+            "run_id": run.id,
+            "campaign": run.campaign,
+            "outcome": "split",
+            "recipients": index,
+            "segments": -(-index // size),
+            "invalid_rows": result.invalid_rows,
+            "duplicates": result.duplicates,
+            "filtered": result.filtered,
+            "suppressed": result.suppressed,
+        },
     )
+    finished = datetime.now(UTC)
+    if ledger.finish_if_done(run.id, finished):  # nothing to send (every row invalid, say)
+        log_run_finished(ledger, result.run, finished)
 
 
 class _Screen:

@@ -140,7 +140,12 @@ class Backlog(dramatiq.Middleware):
         try:
             length = self._read_length(queue)
         except Exception as exc:  # a broker hiccup must not stop a segment: assume nothing waits
-            logger.debug("length of queue %s unknown (%s)", queue, type(exc).__name__)
+            logger.debug(
+                "length of queue %s unknown (%s)",
+                queue,
+                type(exc).__name__,
+                extra={"queue": queue, "code": type(exc).__name__},
+            )
             length = 0
         with self._lock:
             self._lengths[queue] = (time.monotonic(), length)
@@ -211,3 +216,17 @@ class Dispatcher:
             if type(exc).__module__.startswith("redis"):  # redis-py errors are not OSError subclasses
                 raise _unreachable(self.url, exc) from None
             raise
+        logger.debug(
+            "run %s segment %d queued on %s%s",
+            run_id,
+            segment,
+            queue_name(priority),
+            f" for {delay_ms / 1000:.1f} s from now" if delay_ms else "",
+            extra={
+                "run_id": run_id,
+                "segment": segment,
+                "queue": queue_name(priority),
+                "outcome": "queued",
+                "delay_s": delay_ms / 1000 if delay_ms else 0.0,
+            },
+        )

@@ -277,7 +277,9 @@ class ReceiptWriter:
                     requeue = await asyncio.to_thread(self._recheck, due)
                 except Exception as exc:  # the ledger is down: try again at their next time
                     log.warning(
-                        "receipts could not be rechecked (%s); trying again later", type(exc).__name__
+                        "receipts could not be rechecked (%s); trying again later",
+                        type(exc).__name__,
+                        extra={"outcome": "error", "code": type(exc).__name__, "receipts": len(due)},
                     )
                     requeue = [
                         _Recheck(time.monotonic() + 5.0, r.attempt, r.provider, r.reference, r.suppress)
@@ -338,6 +340,19 @@ class ReceiptWriter:
                 )
                 continue
             outcomes[provider, "applied" if one.changed else "unchanged"] += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "receipt for message %s: %s",
+                    one.message.id,
+                    one.incoming.receipt.status,
+                    extra={
+                        "message_id": one.message.id,
+                        "provider": provider,
+                        "status": one.message.status,
+                        "outcome": "applied" if one.changed else "unchanged",
+                        "code": one.incoming.receipt.error_code,
+                    },
+                )
             if one.incoming.receipt.suppress and one.message.status == "permanent-failure":
                 dead.append((provider, one.message))
         self._suppress(dead, now)
@@ -349,6 +364,7 @@ class ReceiptWriter:
                 "the send is recorded",
                 provider,
                 n,
+                extra={"provider": provider, "outcome": "pending", "receipts": n},
             )
         return settled, rechecks
 
@@ -376,6 +392,7 @@ class ReceiptWriter:
                 "still apply them",
                 len(rechecks) - max(room, 0),
                 RECHECK_MAX,
+                extra={"outcome": "not-rechecked", "receipts": len(rechecks) - max(room, 0)},
             )
 
     def _next_recheck_in(self) -> float | None:
@@ -430,6 +447,7 @@ class ReceiptWriter:
                     provider,
                     gone,
                     int(RECHECK_AFTER_S[-1]),
+                    extra={"provider": provider, "outcome": "unknown", "receipts": gone},
                 )
         self._suppress(list({m.id: (p, m) for p, m in dead}.values()), now)
         return again

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from . import logs
 from .campaign import Category, Retry
 from .errors import (
     PermanentError,
@@ -26,7 +27,7 @@ from .errors import (
     TransientError,
 )
 from .failover import choose_account
-from .ledger import MessageRecord, Result, RunRecord, RunState, Status, Suppression
+from .ledger import Ledger, MessageRecord, Result, RunRecord, RunState, Status, Suppression
 from .loading import PreparedCampaign, PreparedChannel
 from .provider import Channel, OutboundMessage
 from .ratelimit import DAILY_QUOTA_CODE, HandedBack, QuotaExhausted, StoreUnavailable
@@ -112,7 +113,19 @@ def process_segment(
         opens = next_opening(window, now) if window is not None else now
         if opens is None or opens > now:
             delay = int(((opens or now + timedelta(days=1)) - now).total_seconds() * 1000)
-            logger.info("run %s segment %d waits %d s for its send window", run_id, segment, delay // 1000)
+            logger.info(
+                "run %s segment %d waits %d s for its send window",
+                run_id,
+                segment,
+                delay // 1000,
+                extra={
+                    "run_id": run_id,
+                    "segment": segment,
+                    "campaign": run.campaign,
+                    "outcome": "window-closed",
+                    "delay_s": delay / 1000,
+                },
+            )
             enqueue(run_id, segment, delay)
             outcome.again_in_ms = delay
             return outcome
@@ -156,7 +169,14 @@ def process_segment(
             current = ledger.get_run(run_id)
             if current is not None and current.state is RunState.CANCELLED:
                 ledger.cancel_unsent(run_id, now_utc())  # messages this batch handed back
-            logger.info("run %s is %s: segment %d stops", run_id, current and current.state, segment)
+            state = current.state.value if current is not None else "gone"
+            logger.info(
+                "run %s is %s: segment %d stops",
+                run_id,
+                state,
+                segment,
+                extra={"run_id": run_id, "segment": segment, "campaign": run.campaign, "outcome": state},
+            )
             return outcome
         if handed_back or (should_yield is not None and should_yield()):
             enqueue(run_id, segment, None)
@@ -212,13 +232,85 @@ def _past_not_after(prepared: PreparedCampaign, now: datetime) -> bool:
 def _finish(rt: Runtime, run: RunRecord, now: datetime) -> None:
     fresh = rt.ledger.get_run(run.id)
     if fresh is not None and fresh.split_complete and rt.ledger.finish_if_done(run.id, now):
-        logger.info("run %s finished", run.id)
+        log_run_finished(rt.ledger, fresh, now)
+
+
+def log_run_finished(ledger: Ledger, run: RunRecord, now: datetime) -> None:
+    """The run's last event: its counts by status and how long it took since it was launched."""
+    by_status: dict[str, int] = {}
+    for (_, status), n in ledger.counts(run.id).items():
+        by_status[status.value] = by_status.get(status.value, 0) + n
+    took = round((now - run.created_at).total_seconds(), 3) if run.created_at is not None else None
+    logger.info(
+        "run %s finished: %s",
+        run.id,
+        ", ".join(f"{n} {status}" for status, n in sorted(by_status.items())) or "no messages",
+        extra={
+            "run_id": run.id,
+            "campaign": run.campaign,
+            "outcome": "finished",
+            "messages": sum(by_status.values()),
+            "counts": by_status,
+            "duration_s": took,
+        },
+    )
+
+
+def _log_results(rt: Runtime, run: RunRecord, batch: list[MessageRecord], results: list[Result]) -> None:
+    """A batch's outcome in the log: one DEBUG line per message; one WARNING per provider account
+    and error code for technical failures (our side: they would hit every message)."""
+    technical: dict[tuple[int, str, str], int] = {}
+    for message, result in zip(batch, results, strict=True):
+        if result.status is Status.TECHNICAL_FAILURE:
+            key = (message.segment, result.provider or message.provider, result.error_code or "")
+            technical[key] = technical.get(key, 0) + 1
+    for (segment, provider, code), n in technical.items():
+        logger.warning(
+            "run %s segment %d: %d message(s) failed technically at provider %s (%s)",
+            run.id,
+            segment,
+            n,
+            provider,
+            logs.safe_code(code) or "no code",
+            extra={
+                "run_id": run.id,
+                "segment": segment,
+                "campaign": run.campaign,
+                "provider": provider,
+                "status": Status.TECHNICAL_FAILURE.value,
+                "code": code or None,
+                "messages": n,
+            },
+        )
+    if not logger.isEnabledFor(logging.DEBUG):
+        return
+    now = now_utc()
+    for message, result in zip(batch, results, strict=True):
+        retry_in = result.next_attempt_at - now if result.next_attempt_at is not None else None
+        logger.debug(
+            "message %s: %s",
+            message.id,
+            result.status.value,
+            extra={
+                "run_id": run.id,
+                "segment": message.segment,
+                "message_id": message.id,
+                "recipient": rt.pseudonym(message.recipient_id),
+                "channel": message.channel,
+                "provider": result.provider or message.provider,
+                "status": result.status.value,
+                "code": result.error_code,
+                "attempt": message.attempts + (1 if result.attempted else 0),
+                "retry_in_s": round(max(retry_in.total_seconds(), 0.0), 3) if retry_in is not None else None,
+            },
+        )
 
 
 def _follow_up(
     rt: Runtime, run: RunRecord, batch: list[MessageRecord], results: list[Result], outcome: SegmentOutcome
 ) -> None:
     """Fallback channels of first-reachable campaigns; counters for the log."""
+    _log_results(rt, run, batch, results)
     reached: dict[str, str] = {}
     dead_end: dict[int, list[str]] = {}
     for message, result in zip(batch, results, strict=True):
@@ -442,8 +534,12 @@ async def _send_one(
         return Result(message.id, Status.CREATED, attempted=False)
     except QuotaExhausted as exc:
         return _quota_wait(rt, message, exc)
-    except StoreUnavailable as exc:
-        logger.warning("run %s message %s waits: %s", message.run_id, message.id, exc)
+    except StoreUnavailable:  # said once a minute per account by the limiter; each message waits
+        logger.debug(
+            "message %s waits: the rate-limit store is out of reach",
+            message.id,
+            extra={"run_id": message.run_id, "message_id": message.id, "provider": account},
+        )
         later = now_utc() + STORE_DOWN_WAIT
         return Result(message.id, Status.CREATED, attempted=False, next_attempt_at=later)
     if waited > SUPPRESSION_RECHECK_S:  # held for a while: an opt-out may have arrived meanwhile
@@ -515,25 +611,24 @@ async def _send_one(
                 error_text=exc.detail,
                 next_attempt_at=now_utc(),
             )
-        logger.error(
-            "run %s message %s: provider %s refused the request: %s",
-            message.run_id,
-            message.id,
-            account,
-            exc.detail,
-        )
         return Result(
             message.id, Status.TECHNICAL_FAILURE, provider=account, error_code=exc.code, error_text=exc.detail
         )
     except Exception as exc:  # a driver bug must not lose the message: it is recorded, not re-raised
-        # The type only: a driver's exception text may quote the request (an address, a body).
-        logger.error(
-            "run %s message %s: driver %s failed with %s",
-            message.run_id,
-            message.id,
-            account,
-            type(exc).__name__,
-        )
+        # The type and the frames, once a minute per kind: its text may quote the request (an address,
+        # a body), so smartpush.logs masks it; every message is counted in the batch's warning.
+        if logs.every(("driver-failed", account, type(exc).__name__)):
+            logger.exception(
+                "driver %s failed with %s (the same failure again within a minute is not logged)",
+                account,
+                type(exc).__name__,
+                extra={
+                    "run_id": message.run_id,
+                    "message_id": message.id,
+                    "provider": account,
+                    "code": type(exc).__name__,
+                },
+            )
         return Result(
             message.id,
             Status.TECHNICAL_FAILURE,

@@ -140,7 +140,9 @@ class Webhooks:
         except RecipientError:
             INBOUND_SMS.labels(provider=account, outcome="unreadable").inc()
             log.info(
-                "account %s: a STOP reply came from a sender that is not a mobile number: ignored", account
+                "account %s: a STOP reply came from a sender that is not a mobile number: ignored",
+                account,
+                extra={"provider": account, "outcome": "unreadable"},
             )
             return reply
         entry = Suppression(
@@ -157,7 +159,11 @@ class Webhooks:
             )
             return Response(status_code=503)
         INBOUND_SMS.labels(provider=account, outcome="stop").inc()
-        log.info("account %s: a STOP reply put a number on the sms suppression list", account)
+        log.info(
+            "account %s: a STOP reply put a number on the sms suppression list",
+            account,
+            extra={"provider": account, "outcome": "stop"},
+        )
         return reply
 
     # -- reading and authenticating a request -------------------------------------------------------
@@ -225,7 +231,13 @@ class Webhooks:
             return
         self._logged[account, what] = (now, 0)
         suffix = f" ({skipped} more like it since the last line)" if skipped else ""
-        log.log(level, "%s%s", message % args, suffix)
+        log.log(
+            level,
+            "%s%s",
+            message % args,
+            suffix,
+            extra={"provider": account, "outcome": what, "skipped": skipped},
+        )
 
 
 async def _body(request: Request, body: bytes) -> tuple[dict[str, list[str]], Any]:
