@@ -50,7 +50,18 @@ ENV = {
     "HOOK_SECRET": "shared-hook-secret-456",
 }
 #: Strings that must never appear in a log line.
-NEVER_LOGGED = [*ENV.values(), "+336", "336123", "0612", "Arrêt", "Bonjour", "STOP SMS", "stop"]
+#: (The tests' numbers are +3361234xxxx; written nationally, 06 12 34 ...)
+NEVER_LOGGED = [
+    *ENV.values(),
+    "+33612",
+    "3361234",
+    "06 12 34",
+    "061234",
+    "Arrêt",
+    "Bonjour",
+    "STOP SMS",
+    "stop",
+]
 CONFIG = f"""\
 public_url: {PUBLIC}
 secret_key: ${{SMARTPUSH_SECRET_KEY}}
@@ -463,13 +474,16 @@ def test_garbage_and_oversized_bodies(serve: Callable[..., Served], sqlite_url: 
         answer = served.http.post(path, content=body, headers={"Content-Type": media})
         assert answer.status_code == 400, (body[:20], answer.status_code)
         assert answer.content == b""
-    huge = served.http.post(
-        path,
-        content=b'{"reference": "' + b"x" * 2_000_000 + b'"}',
-        headers={"Content-Type": "application/json"},
-    )
-    assert huge.status_code in (400, 413)
-    assert b"Traceback" not in huge.content
+    try:  # the size limit may answer 413 before reading it all, and close: a reset is a refusal too
+        huge = served.http.post(
+            path,
+            content=b'{"reference": "' + b"x" * 2_000_000 + b'"}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert huge.status_code in (400, 413)
+        assert b"Traceback" not in huge.content
+    except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+        pass
     # a Twilio signature covers the URL only when the body is not a form: garbage behind it is still 400
     signature = twilio_signature(ENV["TWILIO_TOKEN"], PUBLIC + "/webhooks/twilio-sms", {})
     answer = served.http.post(
