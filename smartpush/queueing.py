@@ -25,7 +25,7 @@ from .campaign import Priority
 from .config import Config
 from .errors import ConfigError, InfrastructureError
 
-__all__ = ["ACTOR_PRIORITY", "Backlog", "Dispatcher", "queue_name"]
+__all__ = ["ACTOR_PRIORITY", "NAMESPACE", "Backlog", "Dispatcher", "queue_name"]
 
 logger = logging.getLogger("smartpush.queueing")
 
@@ -46,6 +46,8 @@ ACTOR_PRIORITY = {Priority.URGENT.value: 0, Priority.NORMAL.value: 10, Priority.
 #: A broker queue's length is read at most this often per process: every worker thread asks after
 #: every batch, and a message that has just arrived is fetched within Dramatiq's 1 s idle poll anyway.
 QUEUE_LENGTH_TTL_S = 0.5
+#: The prefix of smartpush's Redis keys: queue ``smartpush-normal`` is list ``smartpush:smartpush-normal``.
+NAMESPACE = "smartpush"
 
 Handler = Callable[[str, int], None]
 
@@ -75,7 +77,7 @@ def make_broker(config: Config) -> dramatiq.Broker:
 
         broker = RedisBroker(  # type: ignore[no-untyped-call]
             url=url,
-            namespace="smartpush",
+            namespace=NAMESPACE,
             heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,
             maintenance_chance=MAINTENANCE_CHANCE,
         )
