@@ -239,14 +239,32 @@ def send(
     type=click.Choice(["urgent", "normal", "bulk"]),
     help="Serve only these priorities (repeat). Default: all.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    metavar="PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics: smartpush's and Dramatiq's, summed over "
+    "this worker's processes (HOST: dramatiq_prom_host, default 0.0.0.0).",
+)
 @common
 @click.pass_obj
-def worker(state: State, processes: int | None, threads: int, queues: tuple[str, ...]) -> None:
+def worker(
+    state: State, processes: int | None, threads: int, queues: tuple[str, ...], metrics_port: int | None
+) -> None:
     """Run workers for the configured broker (distributed mode).
 
     Start as many as you like, on as many machines: they share the broker, the rate limits and the
     ledger. Stop with Ctrl-C or SIGTERM: segments in progress finish first.
     """
+    # First of all, before `runs` is imported: prometheus_client decides when it is imported whether a
+    # process (and every worker process forked from it) writes its metrics to the multiprocess folder.
+    from smartpush.workerboot import metrics_environment
+
+    from .commands import reporting
+
+    with reporting(state):
+        metrics_environment(metrics_port)
     from . import runs
 
     runs.worker(state, processes, threads, queues)
