@@ -28,6 +28,7 @@ from pathlib import Path
 from .audience import Row
 from .ledger import Ledger, NewMessage, NewRecipient, RunRecord, RunState, Status
 from .loading import PreparedCampaign
+from .metrics import count_launched
 from .recipients import Evaluator
 from .runtime import Runtime
 from .sending import log_run_finished
@@ -161,7 +162,7 @@ def _split(
         if listed
         else None
     )
-    writer = _Writer(rt, run.id, size, queued, enqueue, screen)
+    writer = _Writer(rt, run.id, size, queued, enqueue, screen, campaign=run.campaign)
 
     def flush() -> None:
         writer.put(list(recipients), list(messages), last_line, index)
@@ -315,10 +316,19 @@ class _Writer:
     DEPTH = 2
 
     def __init__(
-        self, rt: Runtime, run_id: str, size: int, queued: int, enqueue: Enqueue, screen: _Screen | None
+        self,
+        rt: Runtime,
+        run_id: str,
+        size: int,
+        queued: int,
+        enqueue: Enqueue,
+        screen: _Screen | None,
+        *,
+        campaign: str = "",
     ) -> None:
         self.ledger = rt.ledger
         self.screen = screen
+        self.campaign = campaign  # the label of the messages it stores (smartpush_messages_total)
         self.suppressed = 0
         self.run_id = run_id
         self.size = size
@@ -357,6 +367,7 @@ class _Writer:
                     if self.screen is not None:  # here, so the lookups overlap the reading of rows
                         self.suppressed += self.screen.apply(messages)
                     self.ledger.add_batch(self.run_id, recipients, messages)
+                    count_launched(self.campaign, messages)
                 self.ledger.update_split(
                     self.run_id, split_line=last_line, segments=-(-index // self.size), recipients=index
                 )

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from zoneinfo import ZoneInfo
 
 from . import logs
@@ -29,6 +30,13 @@ from .errors import (
 from .failover import choose_account
 from .ledger import Ledger, MessageRecord, Result, RunRecord, RunState, Status, Suppression
 from .loading import PreparedCampaign, PreparedChannel
+from .metrics import (
+    count_closed,
+    count_recorded,
+    count_request,
+    count_skipped_fallbacks,
+    count_sms_parts,
+)
 from .provider import Channel, OutboundMessage
 from .ratelimit import DAILY_QUOTA_CODE, HandedBack, QuotaExhausted, StoreUnavailable
 from .recipients import Evaluator
@@ -107,7 +115,9 @@ def process_segment(
         now = now_utc()
         # Before every batch, not once a segment: a window that closes at 19:00 closes at 19:00.
         if _past_not_after(prepared, now):
-            ledger.expire(run_id, created_before=None, now=now, reason="the campaign's not_after has passed")
+            why = "the campaign's not_after has passed"
+            expire = partial(ledger.expire, run_id, created_before=None, now=now, reason=why)
+            count_closed(ledger, run_id, prepared, Status.EXPIRED, expire)
             _finish(rt, run, now)
             return outcome
         opens = next_opening(window, now) if window is not None else now
@@ -151,24 +161,28 @@ def process_segment(
                 for m in late
             ]
             ledger.record(expired, now)
+            count_recorded(run.campaign, late, expired)
             _follow_up(rt, run, late, expired, outcome)
         # The suppression list again, just before sending: an opt-out received mid-run stops the next
         # message. One query per channel of the batch.
         screened = screen(ledger, rt.config.secret_key(), run.category, batch)
         if screened.stopped:
             ledger.record(screened.results, now)
+            count_recorded(run.campaign, screened.stopped, screened.results)
             _follow_up(rt, run, screened.stopped, screened.results, outcome)  # next channel, if any
             batch = screened.send
         results, handed_back = rt.run(_send_all(rt, prepared, evaluator, batch, should_yield))
         if screened.bypassed:  # a `service` notice sent despite an opt-out: on record
             results = screened.mark(results)
         ledger.record(results, now_utc())
+        count_recorded(run.campaign, batch, results)
         _suppress_dead_addresses(rt, batch, results)
         _follow_up(rt, run, batch, results, outcome)
         if not rt.sending_allowed(run_id):  # cached: at most one read of the run per RUN_STATE_TTL_S
             current = ledger.get_run(run_id)
             if current is not None and current.state is RunState.CANCELLED:
-                ledger.cancel_unsent(run_id, now_utc())  # messages this batch handed back
+                cancel = partial(ledger.cancel_unsent, run_id, now_utc())  # messages this batch handed back
+                count_closed(ledger, run_id, prepared, Status.CANCELLED, cancel)
             state = current.state.value if current is not None else "gone"
             logger.info(
                 "run %s is %s: segment %d stops",
@@ -336,8 +350,11 @@ def _follow_up(
     by_channel: dict[str, list[str]] = {}
     for rid, channel in reached.items():
         by_channel.setdefault(channel, []).append(rid)
+    pairs = zip(batch, results, strict=True)
+    reached_at = {m.recipient_id: m.channel_index for m, r in pairs if r.status is Status.SENT}
     for channel, rids in by_channel.items():
-        rt.ledger.skip_fallbacks(run.id, rids, f"reached on {channel}", now)
+        skipped = rt.ledger.skip_fallbacks(run.id, rids, f"reached on {channel}", now)
+        count_skipped_fallbacks(rt.campaign(run), [reached_at[rid] for rid in rids], skipped)
     for index, rids in dead_end.items():
         rt.ledger.activate_fallbacks(run.id, rids, index)
 
@@ -553,7 +570,13 @@ async def _send_one(
             if not await rt.still_sending(message.run_id):
                 await limiter.give_back(units)
                 return Result(message.id, Status.CREATED, attempted=False)
-            result = await provider.send(outbound)
+            began = time.monotonic()
+            try:
+                result = await provider.send(outbound)
+            except BaseException as exc:
+                count_request(account, message.channel, time.monotonic() - began, exc)
+                raise
+            count_request(account, message.channel, time.monotonic() - began, None)
     except ThrottledError as exc:
         wait = exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_THROTTLE_WAIT_S
         # Back-pressure: the whole account pauses, in every worker, not just this message.
@@ -636,4 +659,6 @@ async def _send_one(
             error_code=type(exc).__name__,
             error_text="the provider driver failed; see the worker log",
         )
+    if rendered.sms is not None:
+        count_sms_parts(account, rendered.sms.encoding, rendered.sms.parts)
     return Result(message.id, Status.SENT, provider=account, provider_reference=result.provider_reference)
