@@ -78,6 +78,8 @@ _STANDARD = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime", "taskName"}
 )
 _RESERVED = frozenset({"ts", "level", "logger", "event", "pid"})
+#: Fields libraries add that say nothing new: uvicorn's ``color_message`` is the event with ANSI colours.
+_DROPPED = frozenset({"color_message"})
 #: Fields whose values providers choose: checked by :func:`safe_code` before they are written.
 _CODE_FIELDS = frozenset({"code", "error_code"})
 
@@ -141,7 +143,7 @@ def _fields(record: logging.LogRecord) -> dict[str, object]:
     """The structured fields of a record (what ``extra=`` added), ready to be written."""
     found: dict[str, object] = {}
     for key, value in vars(record).items():
-        if key in _STANDARD or key.startswith("_"):
+        if key in _STANDARD or key in _DROPPED or key.startswith("_"):
             continue
         name = f"field_{key}" if key in _RESERVED else key
         found[name] = safe_code(value) if key in _CODE_FIELDS else _plain(value)

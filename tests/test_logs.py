@@ -109,6 +109,18 @@ def test_a_field_cannot_overwrite_the_envelope() -> None:
     assert entry["field_event"] == "fake" and entry["field_level"] == "none" and entry["field_ts"] == 0
 
 
+def test_uvicorns_coloured_copy_of_the_message_is_dropped() -> None:
+    out = io.StringIO()
+    logs.configure("INFO", stream=out)
+    logging.getLogger("uvicorn.error").info(
+        "Started server process [%d]",
+        42,
+        extra={"color_message": "Started server process [\x1b[36m%d\x1b[0m]"},
+    )
+    (entry,) = records(out)
+    assert entry["event"] == "Started server process [42]" and "color_message" not in entry
+
+
 def test_a_message_with_line_breaks_stays_one_line() -> None:
     out = io.StringIO()
     logs.configure("INFO", stream=out)
