@@ -377,24 +377,6 @@ def resend(state: State, run: str, statuses: tuple[str, ...], yes: bool, detach:
     runs.resend(state, run, statuses, yes=yes, detach=detach)
 
 
-@cli.command("bounces")
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option("--dry-run", is_flag=True, help="Read the mail and say what would change; change nothing.")
-@common
-@click.pass_obj
-def bounces_(state: State, path: Path, dry_run: bool) -> None:
-    """Apply the bounce mail (RFC 3464 DSNs) in PATH, a Maildir folder or an mbox file.
-
-    A hard bounce (5.x.x) fails its message and puts the address on the suppression list; 5.7.x
-    (our reputation, SPF/DKIM/DMARC) and a full mailbox fail the message but keep the address;
-    delays (4.x.x) are ignored. Reading the same mail again changes nothing. The mail is left
-    where it is.
-    """
-    from . import bounces
-
-    bounces.bounces(state, path, dry_run)
-
-
 @cli.command()
 @click.option(
     "--host",
@@ -554,6 +536,24 @@ def suppress_export(state: State, out: Path | None, channel: str | None) -> None
     from . import suppress as bodies
 
     bodies.export(state, out, channel)
+
+
+@cli.command("bounces")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Read the mail and say what would change; change nothing.")
+@common
+@click.pass_obj
+def bounces_(state: State, path: Path, dry_run: bool) -> None:
+    """Apply the bounce mail (RFC 3464 DSNs) in PATH, a Maildir folder or an mbox file.
+
+    A hard bounce (5.x.x) fails its message and puts the address on the suppression list; 5.7.x
+    (our reputation, SPF/DKIM/DMARC) and a full mailbox fail the message but keep the address;
+    delays (4.x.x) are ignored. Reading the same mail again changes nothing. The mail is left
+    where it is.
+    """
+    from . import bounces
+
+    bounces.bounces(state, path, dry_run)
 
 
 def main(argv: list[str] | None = None) -> None:
