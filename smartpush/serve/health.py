@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -74,15 +73,19 @@ async def _broker(ctx: ServeContext) -> str:
     return OK
 
 
-def _registry() -> CollectorRegistry:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return registry
-    return REGISTRY
+def _registry(ctx: ServeContext) -> CollectorRegistry:
+    """Built once: every smartpush process's metrics (multiprocess folder) or this one's, plus the live
+    gauges (runs in progress, queue lengths) read from the ledger and the broker at each scrape."""
+    registry = ctx.extras.get("metrics_registry")
+    if registry is None:
+        from ..metrics import endpoint_registry
+
+        registry = ctx.extras["metrics_registry"] = endpoint_registry(ctx.ledger, ctx.config.settings.broker)
+    assert isinstance(registry, CollectorRegistry)  # noqa: S101 - only this function stores it
+    return registry
 
 
 async def metrics(request: Request) -> Response:
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-    body = await run_in_threadpool(encoder, _registry())
+    body = await run_in_threadpool(encoder, _registry(request.app.state.ctx))
     return Response(body, headers={"Content-Type": content_type})
