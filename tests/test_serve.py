@@ -471,7 +471,8 @@ def _start(project: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [smartpush_exe(), "serve", *args],
         cwd=project,
-        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+        # The access-log assertions read text lines (standard error is not a terminal: JSON otherwise).
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "SMARTPUSH_LOG_FORMAT": "text"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
