@@ -1053,7 +1053,7 @@ class Ledger:
                 )
             else:
                 settled, changed = self._store_receipts_sql(conn, incoming, now)
-        observe_delivery(changed)
+        self._after_receipts(changed)
         return settled
 
     def _store_receipts_sql(
@@ -1172,7 +1172,7 @@ class Ledger:
             changed = [s for ss in found.values() for s in ss if s.changed]
             self._write_receipt_states(conn, changed, now)
             self._mark_receipts_applied(conn, applied, now)
-        observe_delivery(changed)
+        self._after_receipts(changed)
         return {reference: states[0] for reference, states in found.items()}
 
     def message_receipts(self, message_id: str) -> list[StoredReceipt]:
@@ -1291,7 +1291,7 @@ class Ledger:
                 changed = [s for s in states.values() if s.changed]
                 self._write_receipt_states(conn, changed, now)
                 self._mark_receipts_applied(conn, applied, now)
-            observe_delivery(changed)
+            self._after_receipts(changed)
         except (InfrastructureError, DBAPIError) as exc:
             _log.warning(
                 "receipts waiting for %d just-recorded send(s) could not be applied (%s): they stay "
@@ -1299,6 +1299,31 @@ class Ledger:
                 len(ids),
                 type(exc).__name__,
             )
+
+    def _after_receipts(self, changed: Sequence[MessageState]) -> None:
+        """Metrics of the messages receipts just moved: time to delivery, and one
+        ``smartpush_messages_total`` count in the new status (campaign and account read here)."""
+        observe_delivery(changed)
+        moved = [s for s in changed if s.changed and s.status != s.read_status]
+        if not moved:
+            return
+        from .metrics import MESSAGES
+
+        labels: dict[str, tuple[str, str]] = {}
+        for chunk in _chunks([s.id for s in moved]):
+            stmt = (
+                select(messages_t.c.id, runs_t.c.campaign, messages_t.c.provider)
+                .join_from(messages_t, runs_t, messages_t.c.run_id == runs_t.c.id)
+                .where(messages_t.c.id.in_(chunk))
+            )
+            with self._tx(write=False) as conn:
+                labels.update({mid: (campaign, provider) for mid, campaign, provider in conn.execute(stmt)})
+        for state in moved:
+            if state.id in labels:
+                campaign, provider = labels[state.id]
+                MESSAGES.labels(
+                    campaign=campaign, channel=state.channel, provider=provider, status=state.status
+                ).inc()
 
     # Suppression list ----------------------------------------------------------------------------
     def suppress(

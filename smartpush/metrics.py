@@ -67,7 +67,8 @@ log = logging.getLogger("smartpush.metrics")
 #: invalid, suppressed, skipped, expired, cancelled). Retries (sending → created) are not counted.
 MESSAGES = Counter(
     "smartpush_messages",
-    "Messages entering a status: at launch the status they are stored in, then their final status.",
+    "Messages entering a status: at launch the status they are stored in, then their final status, "
+    "then what a delivery receipt moves them to (delivered, permanent-failure, temporary-failure).",
     ["campaign", "channel", "provider", "status"],
 )
 

@@ -132,6 +132,12 @@ def delivered_count(channel: str) -> float:
     return found or 0.0
 
 
+def counted(status: str, channel: str = "sms", provider: str = "sms-main") -> float:
+    """smartpush_messages_total for the test runs' campaign ("essai")."""
+    labels = {"campaign": "essai", "channel": channel, "provider": provider, "status": status}
+    return REGISTRY.get_sample_value("smartpush_messages_total", labels) or 0.0
+
+
 # -- the settling rule ---------------------------------------------------------------------------------
 
 
@@ -228,6 +234,7 @@ def test_receipt_after_the_send_is_applied_and_stored(ledger: Ledger) -> None:
     (mid,) = sending(ledger, 1)
     sent(ledger, [mid], ["SM1"])
     before = delivered_count("sms")
+    counted_before = counted("delivered")
     now = T0 + timedelta(minutes=1)
     [one] = ledger.store_receipts([incoming("SM1", "delivered", received_at=T0 + timedelta(seconds=40))], now)
     assert one.changed and one.message is not None and one.message.id == mid
@@ -236,6 +243,7 @@ def test_receipt_after_the_send_is_applied_and_stored(ledger: Ledger) -> None:
     assert record.delivered_at == T0 + timedelta(seconds=40)
     assert record.final_at == now
     assert delivered_count("sms") == before + 1
+    assert counted("delivered") == counted_before + 1  # the delivery ratio's numerator
     [proof] = ledger.message_receipts(mid)
     assert (proof.provider, proof.reference, proof.status, proof.message_id) == (
         "sms-main",
@@ -251,6 +259,7 @@ def test_duplicates_and_late_news_change_nothing_but_are_stored(ledger: Ledger) 
     sent(ledger, [mid], ["SM1"])
     ledger.store_receipts([incoming("SM1", "delivered")], T0 + timedelta(minutes=1))
     before = delivered_count("sms")
+    counted_before = {s: counted(s) for s in ("delivered", "permanent-failure", "temporary-failure")}
     later = [
         incoming("SM1", s, code="30005" if "failure" in s else None)
         for s in ("delivered", "sent", "permanent-failure", "temporary-failure")
@@ -261,6 +270,7 @@ def test_duplicates_and_late_news_change_nothing_but_are_stored(ledger: Ledger) 
     assert (record.status, record.error_code) == (Status.DELIVERED, None)
     assert len(ledger.message_receipts(mid)) == 5
     assert delivered_count("sms") == before
+    assert {s: counted(s) for s in counted_before} == counted_before  # nothing moved, nothing counted
 
 
 def test_a_failure_then_a_delivery_ends_delivered(ledger: Ledger) -> None:
