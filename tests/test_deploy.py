@@ -199,10 +199,6 @@ def test_metrics_the_code_registers_have_spec_types() -> None:
             assert family.type == spec[exposed][0], exposed
 
 
-@pytest.mark.xfail(
-    reason="issue 7 point 1 is adding SPEC.md's metrics to the code; drop this mark once all are there",
-    strict=False,
-)
 def test_every_metric_deploy_queries_is_registered_by_the_code() -> None:
     from prometheus_client import REGISTRY
 
