@@ -185,7 +185,9 @@ def plan(state: State, campaigns: tuple[Path, ...], limit: int, processes: int |
 @click.option(
     "--key",
     metavar="KEY",
-    help="Idempotency key: a second launch with the same key returns the first run instead.",
+    help="Idempotency key: a second launch with the same key returns the first run instead. "
+    "`auto`: the campaign's name and scheduled slot (schedule.cron, schedule.at, else the day), "
+    "for cron jobs and timers; a slot older than schedule.catch_up or past not_after is refused (exit 1).",
 )
 @click.option(
     "--detach",

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -83,6 +83,7 @@ def send(
     state: State, campaign: Path, *, yes: bool, key: str | None, detach: bool, strict: bool, threads: int
 ) -> None:
     from smartpush.launch import launch
+    from smartpush.occurrences import AUTO, occurrence
 
     with reporting(state):
         _configure_logs(state)
@@ -105,6 +106,15 @@ def send(
             if not sys.stdin.isatty():
                 raise click.UsageError("confirmation needed: add --yes to send without a terminal")
             runview.confirm(prepared, config)
+        if key == AUTO:
+            occ = occurrence(prepared.campaign, datetime.now(UTC), config.settings.timezone)
+            if occ.refused is not None:
+                if state.json:
+                    output.print_json({"launched": False, "key": occ.key, "refused": occ.refused})
+                else:
+                    output.err.print(f"Not launched ({occ.key}): {occ.refused}.")
+                raise SystemExit(EXIT_INVALID)
+            key = occ.key
         with _sending(config, threads) as (engine, embedded):
             result = launch(engine.rt, prepared, enqueue=engine.enqueue, key=key)
             run = result.run
@@ -134,10 +144,11 @@ def _after_launch(state: State, engine: Engine, result: Launch, *, embedded: boo
     if not state.json:
         runview.launched(result)
         _window_note(engine, result.run)
+    launched = {"launched": result.created}  # False: the key found an existing run (--json)
     if detach and not embedded:
-        _print_run(state, engine.rt.ledger, result.run.id)
+        _print_run(state, engine.rt.ledger, result.run.id, extra=launched)
         return
-    counts = _follow(state, engine.rt.ledger, result.run.id, embedded=embedded)
+    counts = _follow(state, engine.rt.ledger, result.run.id, embedded=embedded, extra=launched)
     raise SystemExit(_exit_code(counts))
 
 
@@ -157,7 +168,7 @@ def _window_note(engine: Engine, run: RunRecord) -> None:
 
 
 def _follow(
-    state: State, ledger: Ledger, run_id: str, *, embedded: bool = False
+    state: State, ledger: Ledger, run_id: str, *, embedded: bool = False, extra: dict[str, Any] | None = None
 ) -> dict[tuple[str, Status], int]:
     """Show progress until the run is finished or cancelled (or paused, embedded); returns the counts."""
     with runview.Progress(enabled=not state.json) as progress:
@@ -173,17 +184,23 @@ def _follow(
                     break  # this process is the only sender: let it go; `resume` picks the run up again
                 progress.note("paused: `smartpush resume` continues it")
             time.sleep(POLL_S)
-    _print_run(state, ledger, run_id)
+    _print_run(state, ledger, run_id, extra=extra)
     return counts
 
 
-def _print_run(state: State, ledger: Ledger, run_id: str, config: Config | None = None) -> None:
+def _print_run(
+    state: State,
+    ledger: Ledger,
+    run_id: str,
+    config: Config | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
     run = ledger.get_run(run_id)
     assert run is not None  # noqa: S101
     counts = ledger.counts(run_id)
     view = runview.run_status(run, ledger, config) if config is not None else None
     if state.json:
-        output.print_json(runview.run_dict(run, counts, view))
+        output.print_json({**runview.run_dict(run, counts, view), **(extra or {})})
     else:
         runview.summary(run, counts, view)
 

@@ -228,6 +228,14 @@ class Schedule(_Model):
     def _cron(cls, value: str | None) -> str | None:
         if value is not None and len(value.split()) != 5:  # noqa: PLR2004 - minute hour day month weekday
             raise ValueError(f"'{value}' is not a cron expression; write five fields, e.g. \"0 9 * * mon\"")
+        if value is not None:
+            from croniter import croniter
+
+            if not croniter.is_valid(value):
+                raise ValueError(
+                    f"'{value}' is not a valid cron expression: minute (0-59) hour (0-23) day (1-31) "
+                    'month (1-12) weekday (mon-sun or 0-6), e.g. "0 9 * * mon"'
+                )
         return value
 
     @field_validator("at", "not_after")
