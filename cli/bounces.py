@@ -14,7 +14,6 @@ from rich.table import Table
 
 from smartpush.bounces import BounceReport, Outcome, apply_bounces, open_mailbox
 from smartpush.config import Config, load_config
-from smartpush.errors import InfrastructureError, SmartpushError
 from smartpush.ledger import Ledger
 
 from . import output
@@ -49,19 +48,9 @@ _LABELS: dict[Outcome, tuple[str, str]] = {
 
 
 def _ledger(config: Config) -> Ledger:
-    from smartpush.runtime import database_url
+    from smartpush.runtime import open_ledger
 
-    try:
-        ledger = Ledger(database_url(config))
-        ledger.migrate()
-    except SmartpushError:
-        raise
-    except Exception as exc:  # SQLAlchemy's OperationalError and friends: the database is out of reach
-        raise InfrastructureError(
-            f"the ledger database cannot be reached ({type(exc).__name__}); check `database:` in "
-            f"{config.source} or SMARTPUSH_DATABASE_URL"
-        ) from None
-    return ledger
+    return open_ledger(config)
 
 
 def bounces(state: State, path: Path, dry_run: bool) -> None:

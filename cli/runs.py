@@ -35,19 +35,9 @@ POLL_S = 0.5
 
 
 def _ledger(config: Config) -> Ledger:
-    from smartpush.runtime import database_url
+    from smartpush.runtime import open_ledger
 
-    try:
-        ledger = Ledger(database_url(config))
-        ledger.migrate()
-    except SmartpushError:
-        raise
-    except Exception as exc:  # SQLAlchemy's OperationalError and friends: the database is out of reach
-        raise InfrastructureError(
-            f"the ledger database cannot be reached ({type(exc).__name__}); check `database:` in "
-            f"{config.source} or SMARTPUSH_DATABASE_URL"
-        ) from None
-    return ledger
+    return open_ledger(config)
 
 
 def _engine(config: Config) -> Engine:

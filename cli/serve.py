@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from smartpush.config import Config, load_config
-from smartpush.errors import InfrastructureError, SmartpushError
+from smartpush.errors import InfrastructureError
 from smartpush.ledger import Ledger
 
 from . import output
@@ -61,19 +61,9 @@ class _Server(uvicorn.Server):
 
 
 def _ledger(config: Config) -> Ledger:
-    from smartpush.runtime import database_url
+    from smartpush.runtime import open_ledger
 
-    try:
-        ledger = Ledger(database_url(config))
-        ledger.migrate()
-    except SmartpushError:
-        raise
-    except Exception as exc:  # the database is out of reach
-        raise InfrastructureError(
-            f"the ledger database cannot be reached ({type(exc).__name__}); check `database:` in "
-            f"{config.source} or SMARTPUSH_DATABASE_URL"
-        ) from None
-    return ledger
+    return open_ledger(config)
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -24,7 +24,7 @@ from rich.table import Table
 from smartpush import suppression
 from smartpush.audience import AudienceFile
 from smartpush.config import Config, load_config
-from smartpush.errors import ConfigError, InfrastructureError, Problem, RecipientError, SmartpushError
+from smartpush.errors import ConfigError, Problem, RecipientError
 from smartpush.ledger import Ledger, Suppression
 from smartpush.unsubscribe import recipient_hash
 
@@ -57,19 +57,10 @@ def _source() -> str:
 
 @contextmanager
 def _ledger(state: State) -> Iterator[tuple[Config, Ledger]]:
-    from smartpush.runtime import database_url
+    from smartpush.runtime import open_ledger
 
     config = load_config(state.config)
-    try:
-        ledger = Ledger(database_url(config))
-        ledger.migrate()
-    except SmartpushError:
-        raise
-    except Exception as exc:  # SQLAlchemy's errors: the database is out of reach
-        raise InfrastructureError(
-            f"the ledger database cannot be reached ({type(exc).__name__}); check `database:` in "
-            f"{config.source} or SMARTPUSH_DATABASE_URL"
-        ) from None
+    ledger = open_ledger(config)
     try:
         yield config, ledger
     finally:

@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 from . import registry
 from .config import Config, load_config
+from .errors import InfrastructureError, SmartpushError
 from .failover import Breaker
 from .ledger import Ledger, RunRecord, RunState
 from .loading import PreparedCampaign, load_campaign
@@ -29,7 +30,7 @@ from .provider import Provider
 from .ratelimit import LEASE_MARGIN_SECONDS, AccountLimiter, Bucket, MemoryStore, RedisStore, Store
 from .recipients import Evaluator
 
-__all__ = ["Runtime", "database_url"]
+__all__ = ["Runtime", "database_url", "open_ledger"]
 
 T = TypeVar("T")
 
@@ -49,6 +50,22 @@ def _local_midnight(wall: datetime, config: Config) -> datetime:
 def database_url(config: Config) -> str:
     """The configured ledger, or ``smartpush.db`` (SQLite) in the project folder."""
     return config.settings.database or f"sqlite:///{config.project_dir / 'smartpush.db'}"
+
+
+def open_ledger(config: Config) -> Ledger:
+    """The configured ledger, migrated; an :class:`InfrastructureError` saying what to check when the
+    database is out of reach (never its URL, which may hold a password)."""
+    try:
+        ledger = Ledger(database_url(config))
+        ledger.migrate()
+    except SmartpushError:
+        raise
+    except Exception as exc:  # SQLAlchemy's OperationalError and friends: the database is out of reach
+        raise InfrastructureError(
+            f"the ledger database cannot be reached ({type(exc).__name__}); check `database:` in "
+            f"{config.source} or SMARTPUSH_DATABASE_URL"
+        ) from None
+    return ledger
 
 
 class _LoopThread:

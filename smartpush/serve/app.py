@@ -49,13 +49,12 @@ class ServeContext:
 
 def create_app(config: Config, *, ledger: Ledger | None = None) -> Starlette:
     """The application for ``config``; ``ledger`` defaults to the configured one (migrated)."""
-    from ..runtime import database_url
+    from ..runtime import open_ledger
     from . import health, unsubscribe, webhooks
     from .limits import RequestLimits
 
     if ledger is None:
-        ledger = Ledger(database_url(config))
-        ledger.migrate()
+        ledger = open_ledger(config)
     ctx = ServeContext(config=config, ledger=ledger, key=config.secret_key())
     webhooks.setup(ctx)
 
