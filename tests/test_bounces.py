@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import mailbox
-import os
-import secrets
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from pathlib import Path
 
-import psycopg
 import pytest
+from servers import ledger_of_kind
 from sqlalchemy import select
 
 from smartpush.bounces import (
@@ -46,7 +44,6 @@ FIXTURES = Path(__file__).parent / "fixtures" / "bounces"
 #: The original message every fixture reports on; tests put their own message's in its place.
 FIXTURE_ID = "0193c1d2e3f4a5b6c7d8e9f0a1b"
 FIXTURE_ADDRESS = "jeanne.martin@example.net"
-PG_URL = os.environ.get("SMARTPUSH_TEST_POSTGRESQL", "postgresql://postgres@127.0.0.1:5432/test")
 KEY = b"test-secret-key"
 ACCOUNT = "smtp-relay"
 DOMAIN = "info.exemple.fr"
@@ -57,26 +54,8 @@ DIAGNOSTICS = ("User unknown", "No such user", "RESOLVER", "Unauthenticated", "M
 # Fixtures and helpers ------------------------------------------------------------------------------
 @pytest.fixture(params=["sqlite", "postgresql"])
 def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
-    if request.param == "sqlite":
-        led = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-        led.migrate()
+    with ledger_of_kind(request.param, tmp_path, "bounces_test") as led:
         yield led
-        led.close()
-        return
-    try:
-        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at {PG_URL} is unreachable ({exc}); set SMARTPUSH_TEST_POSTGRESQL")
-    schema = f"bounces_test_{secrets.token_hex(6)}"
-    with admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-        try:
-            led = Ledger(f"{PG_URL}?options=-csearch_path%3D{schema}")
-            led.migrate()
-            yield led
-            led.close()
-        finally:
-            admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def now() -> datetime:

@@ -31,10 +31,10 @@ from aiosmtpd.controller import Controller
 from conftest import smartpush_exe
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+from servers import services_up, throwaway_database
 
 from smartpush.testing import FakeProviderServer, RecordedRequest, Reply
 
-PG = "postgresql://postgres@127.0.0.1:5432"
 REDIS_DB = 7
 #: First names no log line could contain by chance.
 NAMES = (
@@ -378,27 +378,13 @@ def test_an_embedded_run_logs_no_personal_data(tmp_path: Path, providers: Provid
 
 
 def _services_up() -> bool:
-    try:
-        import psycopg
-        import redis
-
-        with psycopg.connect(f"{PG}/test", connect_timeout=3):
-            pass
-        return bool(redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB, socket_timeout=3).ping())
-    except Exception:
-        return False
+    return services_up(REDIS_DB)
 
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    import psycopg
-
-    name = f"sp_privacy_{secrets.token_hex(4)}"
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield f"{PG}/{name}"
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with throwaway_database("sp_privacy") as url:
+        yield url
 
 
 @pytest.fixture

@@ -10,16 +10,15 @@ to finish or to use up its 30 s slice. Embedded (stub broker, SQLite, one thread
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from conftest import smartpush_exe
-from test_distributed import PG, Workers, wait_for
+from servers import flushed_redis, needs_services, throwaway_database
+from test_distributed import Workers, wait_for
 
 from smartpush.config import load_config
 from smartpush.engine import Engine
@@ -38,38 +37,19 @@ BULK_SEGMENT = 4_000
 URGENT_ROWS = 5
 
 
-def _services_up() -> bool:
-    try:
-        with psycopg.connect(f"{PG}/test", connect_timeout=3):
-            pass
-        import redis
-
-        return bool(redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB, socket_timeout=3).ping())
-    except Exception:
-        return False
-
-
-needs_servers = pytest.mark.skipif(
-    not _services_up(), reason="needs Redis and PostgreSQL on 127.0.0.1 (.ci/run starts them)"
-)
+needs_servers = needs_services(REDIS_DB)
 
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    name = f"sp_prio_{secrets.token_hex(4)}"
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield f"{PG}/{name}"
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with throwaway_database("sp_prio") as url:
+        yield url
 
 
 @pytest.fixture
-def redis_url() -> str:
-    import redis
-
-    redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()
-    return f"redis://127.0.0.1:6379/{REDIS_DB}"
+def redis_url() -> Iterator[str]:
+    with flushed_redis(REDIS_DB) as url:
+        yield url
 
 
 def _project(

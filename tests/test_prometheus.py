@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -22,58 +21,31 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
-import psycopg
 import pytest
 from conftest import smartpush_exe
 from prometheus_client.parser import text_string_to_metric_families
+from servers import flushed_redis, needs_services, throwaway_database
 
 from smartpush.ledger import Ledger, RunState, Status
 from smartpush.testing import FakeProviderServer
 
-PG = "postgresql://postgres@127.0.0.1:5432"
 REDIS_DB = 15
 PROMETHEUS = shutil.which("prometheus")
 
 
-def _services_up() -> bool:
-    try:
-        with psycopg.connect(f"{PG}/postgres", connect_timeout=3):
-            pass
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB, socket_timeout=3)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:
-        return False
-
-
-pytestmark = pytest.mark.skipif(
-    not _services_up(), reason="needs Redis and PostgreSQL on 127.0.0.1 (.ci/run starts them)"
-)
+pytestmark = needs_services(REDIS_DB)
 
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    name = f"sp_prom_{secrets.token_hex(4)}"
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield f"{PG}/{name}"
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with throwaway_database("sp_prom") as url:
+        yield url
 
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
-    client.flushdb()
-    yield f"redis://127.0.0.1:6379/{REDIS_DB}"
-    client.flushdb()
-    client.close()
+    with flushed_redis(REDIS_DB) as url:
+        yield url
 
 
 def free_port() -> int:

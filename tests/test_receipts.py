@@ -8,19 +8,18 @@ import base64
 import hashlib
 import hmac
 import itertools
-import os
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from pydantic import SecretStr, ValidationError
+from servers import ledger_of_kind
 from smartpush.providers.brevo import BrevoOptions, BrevoProvider
 from smartpush.providers.ovh import OvhOptions, OvhProvider
 from smartpush.providers.twilio import TwilioOptions, TwilioProvider, request_signature
@@ -43,7 +42,6 @@ from smartpush.receipts import (
 )
 from smartpush.unsubscribe import recipient_hash
 
-PG_URL = os.environ.get("SMARTPUSH_TEST_POSTGRESQL", "postgresql://postgres@127.0.0.1:5432/test")
 KEY = b"k" * 48
 T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 
@@ -53,27 +51,8 @@ T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
-    """An empty, migrated ledger of each kind (PostgreSQL: a schema of its own, dropped afterwards)."""
-    if request.param == "sqlite":
-        led = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-        led.migrate()
+    with ledger_of_kind(request.param, tmp_path, "receipts_test") as led:
         yield led
-        led.close()
-        return
-    try:
-        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at {PG_URL} is unreachable ({exc}); set SMARTPUSH_TEST_POSTGRESQL")
-    schema = f"receipts_test_{secrets.token_hex(6)}"
-    with admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-        led = Ledger(f"{PG_URL}?options=-csearch_path%3D{schema}")
-        try:
-            led.migrate()
-            yield led
-        finally:
-            led.close()
-            admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 _ids = itertools.count()

@@ -7,15 +7,14 @@ the clock is frozen: the lines a user reads are checked.
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import psycopg
 import pytest
+from servers import ledger_of_kind
 from smartpush.cli import runview
 
 from smartpush.config import Config, load_config
@@ -23,7 +22,6 @@ from smartpush.ledger import Ledger, NewMessage, NewRecipient, Result, RunRecord
 from smartpush.ratelimit import DAILY_QUOTA_CODE
 from smartpush.windows import local_midnight_after
 
-PG_URL = os.environ.get("SMARTPUSH_TEST_POSTGRESQL", "postgresql://postgres@127.0.0.1:5432/test")
 PARIS = ZoneInfo("Europe/Paris")
 
 CONFIG = """\
@@ -46,26 +44,8 @@ def paris(day: int, hour: int, minute: int = 0, second: int = 0) -> datetime:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
-    if request.param == "sqlite":
-        led = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-        led.migrate()
+    with ledger_of_kind(request.param, tmp_path, "status_test") as led:
         yield led
-        led.close()
-        return
-    try:
-        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at {PG_URL} is unreachable ({exc}); set SMARTPUSH_TEST_POSTGRESQL")
-    schema = f"status_test_{secrets.token_hex(6)}"
-    with admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-        try:
-            led = Ledger(f"{PG_URL}?options=-csearch_path%3D{schema}")
-            led.migrate()
-            yield led
-            led.close()
-        finally:
-            admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def project(tmp_path: Path, campaign_extra: str = "") -> tuple[Config, Path]:

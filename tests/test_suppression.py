@@ -3,15 +3,13 @@ list applied at launch and again before each send (embedded engine, real HTTP pr
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 import pytest
+from servers import ledger_of_kind
 from test_engine import Harness, make_project
 
 import smartpush.ledger
@@ -23,7 +21,6 @@ from smartpush.suppression import BYPASSABLE, REASONS, bypass, entry, lookup, no
 from smartpush.testing import FakeProviderServer
 from smartpush.unsubscribe import recipient_hash
 
-PG_URL = os.environ.get("SMARTPUSH_TEST_POSTGRESQL", "postgresql://postgres@127.0.0.1:5432/test")
 NOW = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 
 
@@ -110,27 +107,8 @@ def test_the_reasons_agree_everywhere() -> None:
 # the ledger, on SQLite and PostgreSQL ------------------------------------------------------------
 @pytest.fixture(params=["sqlite", "postgresql"])
 def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ledger.db'}"
-        led = Ledger(url)
-        led.migrate()
+    with ledger_of_kind(request.param, tmp_path, "suppression_test") as led:
         yield led
-        led.close()
-        return
-    try:
-        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at {PG_URL} is unreachable ({exc}); set SMARTPUSH_TEST_POSTGRESQL")
-    schema = f"suppression_test_{secrets.token_hex(6)}"
-    with admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-        led = Ledger(f"{PG_URL}?options=-csearch_path%3D{schema}")
-        try:
-            led.migrate()
-            yield led
-        finally:
-            led.close()
-            admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def entries(
