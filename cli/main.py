@@ -272,6 +272,51 @@ def worker(
     runs.worker(state, processes, threads, queues)
 
 
+@cli.command()
+@click.argument("campaigns", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--once", is_flag=True, help="Do one pass and exit (embedded: after the runs it launched end).")
+@click.option(
+    "--tick",
+    default="30s",
+    show_default=True,
+    metavar="DURATION",
+    help="How often the campaign files are read again and due slots launched.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Embedded mode: worker threads sending in this process.",
+)
+@click.option("--lock-ttl", default="30s", show_default=True, hidden=True)
+@common
+@click.pass_obj
+def scheduler(
+    state: State, campaigns: tuple[Path, ...], once: bool, tick: str, threads: int, lock_ttl: str
+) -> None:
+    """Launch the scheduled campaigns in CAMPAIGNS (files or folders; default: ./campaigns/).
+
+    Every campaign with `schedule.cron` or `schedule.at` is launched once per slot, with the run key
+    `send --key auto` uses, so a cron job on the same slot finds the same run. A slot missed while no
+    scheduler ran is launched if it is at most `schedule.catch_up` late (default 1h) and before
+    `not_after`, otherwise recorded as skipped; `smartpush runs --campaign NAME` shows every slot.
+
+    Start one on several hosts if you like: one is active (a Redis lock with a broker, a file lock
+    embedded), the others stand by and take over within 30 s if it dies. Embedded, the active
+    scheduler also sends. Stop with Ctrl-C or SIGTERM.
+    """
+    from smartpush.units import parse_duration
+
+    from . import schedule
+
+    try:
+        every, ttl = parse_duration(tick), parse_duration(lock_ttl)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    schedule.scheduler(state, campaigns, once=once, tick=every, threads=threads, lock_ttl=ttl)
+
+
 @cli.command("runs")
 @click.option("--campaign", metavar="NAME", help="Only the runs of this campaign.")
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True, help="How many runs.")

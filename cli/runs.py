@@ -15,8 +15,8 @@ import click
 
 from smartpush.audience import Row
 from smartpush.config import Config, load_config
-from smartpush.errors import ConfigError, InfrastructureError, SmartpushError
-from smartpush.ledger import FAILED, FINAL, Ledger, RunRecord, RunState, Status
+from smartpush.errors import ConfigError, InfrastructureError, RunNotFound, SmartpushError
+from smartpush.ledger import FAILED, FINAL, Ledger, OccurrenceRecord, RunRecord, RunState, Status
 from smartpush.loading import PreparedCampaign, load_campaign
 from smartpush.provider import Channel
 
@@ -27,6 +27,7 @@ from .main import EXIT_INVALID, EXIT_PARTIAL
 if TYPE_CHECKING:
     from smartpush.engine import Engine
     from smartpush.launch import Launch
+    from smartpush.occurrences import Occurrence
 
     from .main import State
 
@@ -96,23 +97,71 @@ def send(
             if not sys.stdin.isatty():
                 raise click.UsageError("confirmation needed: add --yes to send without a terminal")
             runview.confirm(prepared, config)
+        occ = None
         if key == AUTO:
             occ = occurrence(prepared.campaign, datetime.now(UTC), config.settings.timezone)
-            if occ.refused is not None:
-                if state.json:
-                    output.print_json({"launched": False, "key": occ.key, "refused": occ.refused})
-                else:
-                    output.err.print(f"Not launched ({occ.key}): {occ.refused}.")
-                raise SystemExit(EXIT_INVALID)
             key = occ.key
+            if occ.refused is not None:
+                _refused(state, config, occ)
         with _sending(config, threads) as (engine, embedded):
             result = launch(engine.rt, prepared, enqueue=engine.enqueue, key=key)
             run = result.run
+            if occ is not None:
+                engine.rt.ledger.record_occurrence(
+                    OccurrenceRecord(
+                        key=occ.key,
+                        campaign=run.campaign,
+                        slot=occ.slot,
+                        outcome="launched",
+                        source="send",
+                        recorded_at=datetime.now(UTC),
+                        run_id=run.id,
+                    )
+                )
             if not result.created and not state.json:
                 output.err.print(f"A run with key {key!r} exists already: {run.id} ({run.state}).")
             if embedded and not result.created and run.state is RunState.RUNNING:
                 engine.recover(run.id)  # an earlier embedded send was interrupted: carry on from the ledger
             _after_launch(state, engine, result, embedded=embedded, detach=detach)
+
+
+def _refused(state: State, config: Config, occ: Occurrence) -> None:
+    """``send --key auto`` outside its slot: the slot's run if one exists (its exit code), else exit 1.
+
+    A slot missed by more than ``catch_up`` or past ``not_after`` is recorded as skipped.
+    """
+    ledger = _ledger(config)
+    try:
+        try:
+            existing = ledger.find_run(occ.key)
+        except RunNotFound:
+            existing = None
+        if existing is not None:  # the slot was launched in time: report that run, as a second trigger
+            if not state.json:
+                output.err.print(
+                    f"A run with key {occ.key!r} exists already: {existing.id} ({existing.state})."
+                )
+            _print_run(state, ledger, existing.id, extra={"launched": False})
+            raise SystemExit(_exit_code(ledger.counts(existing.id)))
+        if occ.slot is None or occ.slot <= datetime.now(UTC):  # not "has not come yet": a real skip
+            ledger.record_occurrence(
+                OccurrenceRecord(
+                    key=occ.key,
+                    campaign=occ.key.partition("@")[0],
+                    slot=occ.slot,
+                    outcome="skipped",
+                    source="send",
+                    recorded_at=datetime.now(UTC),
+                    reason=occ.refused,
+                )
+            )
+    finally:
+        ledger.close()
+    if state.json:
+        output.print_json({"launched": False, "key": occ.key, "refused": occ.refused})
+    else:
+        output.err.print(f"Not launched ({occ.key}): {occ.refused}.")
+    raise SystemExit(EXIT_INVALID)
 
 
 @contextmanager
@@ -239,10 +288,27 @@ def list_runs(state: State, campaign: str | None, limit: int) -> None:
     with reporting(state):
         ledger = _ledger(load_config(state.config))
         found = [(run, ledger.counts(run.id)) for run in ledger.list_runs(campaign=campaign, limit=limit)]
+        history = []
+        if campaign is not None:
+            for occ in ledger.occurrences(campaign, limit=limit):
+                run = ledger.get_run(occ.run_id) if occ.run_id else None
+                history.append((occ, run, ledger.counts(run.id) if run is not None else {}))
     if state.json:
-        output.print_json([runview.run_dict(run, counts) for run, counts in found])
-    else:
-        runview.run_table(found)
+        runs_json = [runview.run_dict(run, counts) for run, counts in found]
+        if campaign is None:
+            output.print_json(runs_json)
+        else:
+            output.print_json(
+                {
+                    "campaign": campaign,
+                    "occurrences": [runview.occurrence_dict(*h) for h in history],
+                    "runs": runs_json,
+                }
+            )
+        return
+    if history:
+        runview.occurrence_table(campaign or "", history)
+    runview.run_table(found)
 
 
 def _find(ledger: Ledger, ref: str) -> RunRecord:

@@ -23,7 +23,16 @@ from rich.table import Table
 from smartpush.campaign import Campaign, Window
 from smartpush.config import Config
 from smartpush.launch import Launch
-from smartpush.ledger import FAILED, FINAL, Ledger, MessageRecord, RunRecord, RunState, Status
+from smartpush.ledger import (
+    FAILED,
+    FINAL,
+    Ledger,
+    MessageRecord,
+    OccurrenceRecord,
+    RunRecord,
+    RunState,
+    Status,
+)
 from smartpush.loading import PreparedCampaign
 from smartpush.provider import SmsProviderOptions
 from smartpush.ratelimit import DAILY_QUOTA_CODE
@@ -311,6 +320,11 @@ def launched(result: Launch) -> None:
         f"{result.recipients:,} recipients stored now, {result.duplicates:,} duplicate ids sent once, "
         f"{result.invalid_rows:,} invalid rows recorded, {result.filtered:,} left out by `where`."
     )
+    if result.reached_recently or result.capped:
+        err.print(
+            f"Skipped as reached recently: {result.reached_recently:,} by this campaign "
+            f"(audience.exclude_reached), {result.capped:,} by the frequency cap (limits.per_recipient)."
+        )
 
 
 def by_status(counts: dict[tuple[str, Status], int]) -> dict[str, int]:
@@ -453,6 +467,52 @@ def summary(run: RunRecord, counts: dict[tuple[str, Status], int], view: RunStat
             out.print(escape(line))
     if run.state is RunState.PAUSED:
         out.print("Paused: `smartpush resume " + run.id + "` continues it.")
+
+
+def occurrence_dict(
+    occ: OccurrenceRecord, run: RunRecord | None, counts: dict[tuple[str, Status], int]
+) -> dict[str, Any]:
+    """One slot of a scheduled campaign for ``runs --campaign --json``."""
+    return {
+        "key": occ.key,
+        "slot": _iso(occ.slot),
+        "outcome": occ.outcome,
+        "source": occ.source,
+        "reason": occ.reason,
+        "recorded_at": _iso(occ.recorded_at),
+        "run_id": occ.run_id,
+        "state": run.state.value if run is not None else None,
+        "counts": by_status(counts),
+    }
+
+
+def occurrence_table(
+    campaign: str,
+    history: list[tuple[OccurrenceRecord, RunRecord | None, dict[tuple[str, Status], int]]],
+) -> None:
+    """The slots of a scheduled campaign, latest first: launched (with the run's counts) or skipped."""
+    table = Table(title=f"Occurrences of {escape(campaign)}", show_edge=False, title_justify="left")
+    numbers = ("sent", "delivered", "skipped", "failed")
+    for col in ("key", "outcome", "run / reason", *numbers):
+        table.add_column(col, justify="right" if col in numbers else "left", overflow="fold")
+    for occ, run, counts in history:
+        outcome = f"{occ.outcome} ({occ.source})"
+        if run is None:
+            table.add_row(escape(occ.key), outcome, escape(occ.reason or ""), *("",) * 4)
+            continue
+        total = by_status(counts)
+        failed = sum(n for (_, s), n in counts.items() if s in FAILED)
+        table.add_row(
+            escape(occ.key),
+            outcome,
+            f"{run.id} ({run.state.value})",
+            f"{total.get('sent', 0):,}",
+            f"{total.get('delivered', 0):,}",
+            f"{total.get('skipped', 0):,}",
+            f"{failed:,}",
+        )
+    out.print(table)
+    out.print()
 
 
 def run_table(found: list[tuple[RunRecord, dict[tuple[str, Status], int]]]) -> None:

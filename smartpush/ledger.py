@@ -47,6 +47,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, Stateme
 from .errors import InfrastructureError, RunNotFound
 from .ledger_schema import WRITE, UTCDateTime, make_engine, upgrade
 from .ledger_schema import messages as messages_t
+from .ledger_schema import occurrences as occurrences_t
 from .ledger_schema import receipts as receipts_t
 from .ledger_schema import recipients as recipients_t
 from .ledger_schema import runs as runs_t
@@ -68,6 +69,7 @@ __all__ = [
     "MessageRecord",
     "NewMessage",
     "NewRecipient",
+    "OccurrenceRecord",
     "Result",
     "RunRecord",
     "RunState",
@@ -188,6 +190,20 @@ class MessageRecord:
     bypassed: str | None = None
     line: int | None = None
     context: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class OccurrenceRecord:
+    """What became of one slot of a scheduled campaign: the run it launched, or why it was skipped."""
+
+    key: str  # the run key: ``NAME@2026-12-01T09:00``
+    campaign: str
+    slot: datetime | None  # None: a campaign without schedule (one occurrence a day)
+    outcome: str  # launched, skipped
+    source: str  # send, scheduler
+    recorded_at: datetime
+    reason: str | None = None
+    run_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -860,6 +876,100 @@ class Ledger:
         )
         with self._tx() as conn:
             return int(conn.execute(stmt).rowcount)
+
+    # Occurrences and reach ---------------------------------------------------------------------
+
+    def record_occurrence(self, occurrence: OccurrenceRecord) -> OccurrenceRecord:
+        """Store what became of a slot and return what is stored: the first record of a slot stays,
+        except that a launch replaces a skip (a slot refused once, launched later by a wider
+        ``catch_up``)."""
+        values = {f.name: getattr(occurrence, f.name) for f in fields(OccurrenceRecord)}
+        with self._tx() as conn:
+            conn.execute(self._insert_ignore(occurrences_t).values(values))
+            if occurrence.outcome == "launched":
+                conn.execute(
+                    update(occurrences_t)
+                    .where(occurrences_t.c.key == occurrence.key, occurrences_t.c.outcome != "launched")
+                    .values(values)
+                )
+            row = conn.execute(select(occurrences_t).where(occurrences_t.c.key == occurrence.key)).mappings()
+            return OccurrenceRecord(**row.one())
+
+    def occurrences(self, campaign: str, *, limit: int = 50) -> list[OccurrenceRecord]:
+        """The recorded slots of ``campaign``, latest slot first."""
+        stmt = (
+            select(occurrences_t)
+            .where(occurrences_t.c.campaign == campaign)
+            .order_by(
+                func.coalesce(occurrences_t.c.slot, occurrences_t.c.recorded_at).desc(),
+                occurrences_t.c.recorded_at.desc(),
+            )
+            .limit(limit)
+        )
+        with self._tx(write=False) as conn:
+            return [OccurrenceRecord(**row) for row in conn.execute(stmt).mappings()]
+
+    def last_slot(self, campaign: str) -> datetime | None:
+        """The latest slot of ``campaign`` on record, launched or skipped."""
+        stmt = select(func.max(occurrences_t.c.slot)).where(occurrences_t.c.campaign == campaign)
+        with self._tx(write=False) as conn:
+            value = conn.execute(stmt).scalar()
+        if isinstance(value, str):  # SQLite's max() hands back the stored text, not the column type
+            value = datetime.fromisoformat(value)
+        return None if value is None else (value.replace(tzinfo=UTC) if value.tzinfo is None else value)
+
+    def reaching_runs(
+        self,
+        since: datetime,
+        *,
+        campaign: str | None = None,
+        categories: Collection[str] = (),
+        exclude: str | None = None,
+    ) -> list[str]:
+        """Runs (test runs aside) that may have reached someone since ``since``: of ``campaign``, or
+        of one of ``categories``; not finished before ``since``."""
+        which = []
+        if campaign is not None:
+            which.append(runs_t.c.campaign == campaign)
+        if categories:
+            which.append(runs_t.c.category.in_(list(categories)))
+        if not which:
+            return []
+        stmt = select(runs_t.c.id).where(
+            or_(*which),
+            runs_t.c.test.is_(False),
+            or_(runs_t.c.finished_at.is_(None), runs_t.c.finished_at >= since),
+        )
+        if exclude is not None:
+            stmt = stmt.where(runs_t.c.id != exclude)
+        with self._tx(write=False) as conn:
+            return list(conn.execute(stmt).scalars())
+
+    def reached(self, recipient_ids: Sequence[str], runs: Sequence[str], since: datetime) -> dict[str, int]:
+        """Of ``recipient_ids``, those ``runs`` reached since ``since`` (a message sent or delivered) or
+        are still to reach (a message ``created`` or ``sending``): how many of the runs each."""
+        if not recipient_ids or not runs:
+            return {}
+        m = messages_t.c
+        reach = or_(
+            m.status.in_((Status.CREATED.value, Status.SENDING.value)),
+            and_(
+                m.status.in_((Status.SENT.value, Status.DELIVERED.value)),
+                func.coalesce(m.sent_at, m.delivered_at, m.updated_at) >= since,
+            ),
+        )
+        out: dict[str, int] = {}
+        with self._tx(write=False) as conn:
+            for some_runs in _chunks(runs, _IN_CHUNK // 2):
+                for ids in _chunks(recipient_ids, _IN_CHUNK):
+                    stmt = (
+                        select(m.recipient_id, func.count(m.run_id.distinct()))
+                        .where(m.run_id.in_(some_runs), m.recipient_id.in_(ids), reach)
+                        .group_by(m.recipient_id)
+                    )
+                    for rid, n in conn.execute(stmt):
+                        out[rid] = out.get(rid, 0) + int(n)
+        return out
 
     # Reading -------------------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ __all__ = [
     "make_engine",
     "messages",
     "metadata",
+    "occurrences",
     "receipts",
     "recipients",
     "runs",
@@ -224,6 +225,24 @@ receipts = Table(
 )
 
 
+# The slots of scheduled campaigns (schema 4): which run each slot launched, or why it was skipped, so an
+# auditor can follow every 3 a.m. launch (`smartpush runs --campaign NAME`). `key` is the run key
+# `send --key auto` and the scheduler use (``NAME@2026-12-01T09:00``).
+occurrences = Table(
+    "occurrences",
+    metadata,
+    Column("key", String, primary_key=True),
+    Column("campaign", String, nullable=False),
+    Column("slot", UTCDateTime),  # NULL: a campaign without schedule, one occurrence a day
+    Column("outcome", String, nullable=False),  # launched, skipped
+    Column("reason", Text),  # why a slot was skipped
+    Column("run_id", String),
+    Column("source", String, nullable=False),  # send, scheduler
+    Column("recorded_at", UTCDateTime, nullable=False),
+    Index(None, "campaign", "slot"),
+)
+
+
 def make_engine(url: str) -> tuple[Engine, bool]:
     """An engine for ``url``, and whether it is an in-memory SQLite database (one shared connection).
 
@@ -299,8 +318,12 @@ def _create_v3(conn: Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN bypassed VARCHAR")
 
 
+def _create_v4(conn: Connection) -> None:
+    occurrences.create(conn, checkfirst=True)
+
+
 #: ``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``.
-MIGRATIONS: list[Callable[[Connection], None]] = [_create_v1, _create_v2, _create_v3]
+MIGRATIONS: list[Callable[[Connection], None]] = [_create_v1, _create_v2, _create_v3, _create_v4]
 
 
 def current_version() -> int:

@@ -16,12 +16,15 @@ sent hours late (listmonk #1801). A campaign past ``schedule.not_after`` is refu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from .campaign import Campaign
+from croniter import croniter
 
-__all__ = ["AUTO", "Occurrence", "occurrence"]
+from .campaign import Campaign
+from .units import format_duration
+
+__all__ = ["AUTO", "Occurrence", "occurrence", "refusal", "slot_key", "slots", "zone"]
 
 #: The ``--key`` value that asks for an occurrence key.
 AUTO = "auto"
@@ -36,40 +39,79 @@ class Occurrence:
     refused: str | None = None
 
 
-def _timezone(campaign: Campaign, default: str) -> ZoneInfo:
+def zone(campaign: Campaign, default: str) -> ZoneInfo:
+    """The zone a campaign's slots are read in: its window's, else the config's ``timezone``."""
     window = campaign.schedule.window
     return ZoneInfo(window.timezone if window is not None else default)
+
+
+def slot_key(campaign: Campaign, slot: datetime, tz: ZoneInfo) -> str:
+    """The run key of ``slot``: ``NAME@2026-12-01T09:00`` in local time."""
+    return f"{campaign.name}@{slot.astimezone(tz).strftime('%Y-%m-%dT%H:%M')}"
+
+
+def refusal(campaign: Campaign, slot: datetime | None, now: datetime, tz: ZoneInfo) -> str | None:
+    """Why ``slot`` must not be launched at ``now`` (None: it may)."""
+    schedule = campaign.schedule
+    limit = schedule.not_after
+    local_now = now.astimezone(tz)
+    if limit is not None and (now > limit if isinstance(limit, datetime) else local_now.date() > limit):
+        return f"schedule.not_after ({limit.isoformat()}) has passed"
+    if slot is None:
+        return None
+    shown = slot.astimezone(tz).strftime("%Y-%m-%d %H:%M %Z")
+    if slot > now:
+        return f"its slot {shown} has not come yet"
+    if now - slot > schedule.catch_up:
+        return (
+            f"its slot {shown} was missed by more than schedule.catch_up "
+            f"({format_duration(schedule.catch_up)}); nothing stale is sent"
+        )
+    return None
 
 
 def occurrence(campaign: Campaign, now: datetime, timezone: str) -> Occurrence:
     """The occurrence of ``campaign`` that a launch at ``now`` (aware) belongs to."""
     schedule = campaign.schedule
-    tz = _timezone(campaign, timezone)
+    tz = zone(campaign, timezone)
     local_now = now.astimezone(tz)
     slot: datetime | None = None
     if schedule.cron is not None:
-        from croniter import croniter
-
-        slot = croniter(schedule.cron, local_now).get_prev(datetime)
-        if local_now == local_now.replace(second=0, microsecond=0) and croniter.match(
-            schedule.cron, local_now
-        ):
+        slot = _cron(schedule.cron, local_now).get_prev(datetime)
+        if local_now == local_now.replace(second=0, microsecond=0) and _matches(schedule.cron, local_now):
             slot = local_now  # exactly on a slot: that one, not the one before
     elif schedule.at is not None:
-        slot = schedule.at.astimezone(tz)
-    if slot is None:
-        key = f"{campaign.name}@{local_now.date().isoformat()}"
-    else:
-        key = f"{campaign.name}@{slot.astimezone(tz).strftime('%Y-%m-%dT%H:%M')}"
-    refused = None
-    limit = schedule.not_after
-    if limit is not None and (now > limit if isinstance(limit, datetime) else local_now.date() > limit):
-        refused = f"schedule.not_after ({limit.isoformat()}) has passed"
-    elif slot is not None and slot.astimezone(UTC) > now.astimezone(UTC):
-        refused = f"its slot {slot.strftime('%Y-%m-%d %H:%M %Z')} has not come yet"
-    elif slot is not None and now - slot > schedule.catch_up:
-        refused = (
-            f"its slot {slot.strftime('%Y-%m-%d %H:%M %Z')} was missed by more than schedule.catch_up "
-            f"({schedule.catch_up}); nothing stale is sent"
-        )
-    return Occurrence(key, slot.astimezone(UTC) if slot is not None else None, refused)
+        slot = schedule.at
+    key = f"{campaign.name}@{local_now.date().isoformat()}" if slot is None else slot_key(campaign, slot, tz)
+    utc_slot = slot.astimezone(UTC) if slot is not None else None
+    return Occurrence(key, utc_slot, refusal(campaign, utc_slot, now, tz))
+
+
+def slots(campaign: Campaign, after: datetime, now: datetime, timezone: str, *, limit: int) -> list[datetime]:
+    """The slots of ``campaign`` in (``after``, ``now``], oldest first, at most the ``limit`` latest."""
+    schedule = campaign.schedule
+    found: list[datetime] = []
+    if schedule.at is not None:
+        if after < schedule.at <= now:
+            found.append(schedule.at.astimezone(UTC))
+        return found
+    if schedule.cron is None:
+        return found
+    tz = zone(campaign, timezone)
+    # Walk back from just after now, so a slot exactly at now is included.
+    walker = _cron(schedule.cron, (now + timedelta(seconds=1)).astimezone(tz))
+    while len(found) < limit:
+        slot = walker.get_prev(datetime)
+        if slot <= after:
+            break
+        found.append(slot.astimezone(UTC))
+    found.reverse()
+    return found
+
+
+def _cron(expression: str, start: datetime) -> croniter:
+    return croniter(expression, start)
+
+
+def _matches(expression: str, moment: datetime) -> bool:
+    return bool(croniter.match(expression, moment))

@@ -247,7 +247,18 @@ def test_a_version_2_database_is_upgraded_in_place(ledger: Ledger, db_url: str) 
         assert led.get_run(run.id) == run
     assert sql(db_url, "SELECT count(*) FROM receipts") == [(0,)]
     assert sql(db_url, "SELECT count(bypassed) FROM messages") == [(0,)]
-    assert sql(db_url, "SELECT version FROM schema_version") == [(3,)]
+    assert sql(db_url, "SELECT version FROM schema_version") == [(ledger_schema.current_version(),)]
+
+
+def test_a_version_3_database_gets_the_occurrences_table(ledger: Ledger, db_url: str) -> None:
+    run = make_run(ledger)
+    sql(db_url, "DROP TABLE occurrences")
+    sql(db_url, "UPDATE schema_version SET version = 3")
+    with opened(db_url) as led:
+        led.migrate()
+        assert led.get_run(run.id) == run
+        assert led.occurrences("any") == []
+    assert sql(db_url, "SELECT version FROM schema_version") == [(4,)]
 
 
 def test_a_database_from_a_newer_smartpush_is_refused(ledger: Ledger, db_url: str) -> None:
