@@ -95,6 +95,16 @@ class AudienceSpec(_Model):
     where: str | None = None
     #: Phones without a country code belong to this region (default: the config's ``region``).
     region: str | None = None
+    #: A recurring campaign leaves out recipients one of its earlier runs reached (or is still sending
+    #: to) within this period, e.g. ``30d``.
+    exclude_reached: Duration | None = None
+
+    @field_validator("exclude_reached")
+    @classmethod
+    def _period(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
+            raise ValueError("exclude_reached must be longer than zero, e.g. 30d")
+        return value
 
 
 class Segments(_Model):

@@ -21,7 +21,7 @@ from . import registry
 from .errors import ConfigError, Problem
 from .provider import ProviderOptions
 from .schema import did_you_mean, problems_from
-from .units import Duration, TimeZoneName
+from .units import Duration, Frequency, TimeZoneName
 from .yamlfile import Locations, PathPart, load, load_text
 
 __all__ = ["CONFIG_FILE", "Config", "Settings", "load_config"]
@@ -49,6 +49,17 @@ class Failover(BaseModel):
     cooldown: Duration = Field(default="5min", validate_default=True)
 
 
+class Limits(BaseModel):
+    """Limits across campaigns."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: At most this many runs reach one recipient per period (``1/7d``), counted over ``information``
+    #: and ``marketing`` campaigns; ``service`` campaigns (legally required notices) are neither capped
+    #: nor counted.
+    per_recipient: Frequency | None = None
+
+
 class Settings(BaseModel):
     """The top level of ``smartpush.yaml`` (provider accounts are checked against their driver)."""
 
@@ -71,6 +82,7 @@ class Settings(BaseModel):
     #: How often each worker looks for stuck messages and lost segments.
     sweep_every: Duration = Field(default="30s", validate_default=True)
     failover: Failover = Field(default_factory=lambda: Failover())
+    limits: Limits = Field(default_factory=lambda: Limits())
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("region")

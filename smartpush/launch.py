@@ -22,10 +22,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from .audience import Row
+from .campaign import Category
 from .ledger import Ledger, NewMessage, NewRecipient, RunRecord, RunState, Status
 from .loading import PreparedCampaign
 from .metrics import count_launched
@@ -34,6 +35,7 @@ from .runtime import Runtime
 from .sending import log_run_finished
 from .suppression import lookup, stops, suppressed_text
 from .templating import PROVIDED_NAMES
+from .units import FrequencyValue, format_duration
 
 __all__ = ["Launch", "launch", "new_id"]
 
@@ -76,6 +78,8 @@ class Launch:
     duplicates: int = 0
     invalid_rows: int = 0
     suppressed: int = 0  # messages this launch stored `suppressed`
+    reached_recently: int = 0  # recipients left out by audience.exclude_reached
+    capped: int = 0  # recipients left out by limits.per_recipient
 
 
 def launch(
@@ -162,7 +166,8 @@ def _split(
         if listed
         else None
     )
-    writer = _Writer(rt, run.id, size, queued, enqueue, screen, campaign=run.campaign)
+    reach = _Reach.of(rt, prepared, run)
+    writer = _Writer(rt, run.id, size, queued, enqueue, screen, campaign=run.campaign, reach=reach)
 
     def flush() -> None:
         writer.put(list(recipients), list(messages), last_line, index)
@@ -229,6 +234,7 @@ def _split(
     flush()
     queued = writer.finish()
     result.suppressed = writer.suppressed
+    result.reached_recently, result.capped = writer.reached_recently, writer.capped
     ledger.update_split(
         run.id, split_line=last_line, segments=-(-index // size), recipients=index, complete=True
     )
@@ -255,6 +261,8 @@ def _split(
             "duplicates": result.duplicates,
             "filtered": result.filtered,
             "suppressed": result.suppressed,
+            "reached_recently": result.reached_recently,
+            "capped": result.capped,
         },
     )
     finished = datetime.now(UTC)
@@ -304,6 +312,87 @@ class _Screen:
         return sum(1 for m in candidates if m.status is Status.SUPPRESSED)
 
 
+#: Error codes of the messages of recipients left out because they were reached recently.
+REACHED_RECENTLY = "reached-recently"
+FREQUENCY_CAP = "frequency-cap"
+
+
+class _Reach:
+    """Leaves out the recipients reached recently: by an earlier run of this campaign
+    (``audience.exclude_reached``) or by as many runs as ``limits.per_recipient`` allows (``information``
+    and ``marketing`` runs count; ``service`` campaigns are neither capped nor counted).
+
+    Their messages are stored ``skipped`` with the reason, so the run's counts still add up and a
+    report says why. "Reached" is a message sent or delivered within the period, or one still queued
+    (``created``/``sending``) in another run, so two runs launched together do not both send. The runs
+    that can count are looked up once, when the split starts.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        now: datetime,
+        own: tuple[list[str], timedelta, str] | None,
+        cap: tuple[list[str], FrequencyValue] | None,
+    ) -> None:
+        self.ledger = ledger
+        self.now = now
+        self.own = own
+        self.cap = cap
+
+    @classmethod
+    def of(cls, rt: Runtime, prepared: PreparedCampaign, run: RunRecord) -> _Reach | None:
+        campaign = prepared.campaign
+        period = campaign.audience.exclude_reached
+        limit = rt.config.settings.limits.per_recipient
+        if run.test or (period is None and (limit is None or run.category == Category.SERVICE)):
+            return None
+        now = datetime.now(UTC)
+        own = None
+        if period is not None:
+            runs = rt.ledger.reaching_runs(now - period, campaign=run.campaign, exclude=run.id)
+            own = (runs, period, format_duration(period))
+        cap = None
+        if limit is not None and run.category != Category.SERVICE:
+            counted = [c.value for c in Category if c is not Category.SERVICE]
+            cap = (rt.ledger.reaching_runs(now - limit.period, categories=counted, exclude=run.id), limit)
+        return cls(rt.ledger, now, own, cap)
+
+    def apply(self, messages: list[NewMessage]) -> tuple[int, int]:
+        """Skip in place the messages of recipients reached recently; returns how many recipients
+        each rule left out (exclude_reached, per_recipient)."""
+        ids = list(
+            dict.fromkeys(m.recipient_id for m in messages if m.status in (Status.CREATED, Status.WAITING))
+        )
+        if not ids:
+            return 0, 0
+        left_out: dict[str, tuple[str, str]] = {}
+        if self.own is not None:
+            runs, period, text = self.own
+            for rid in self.ledger.reached(ids, runs, self.now - period):
+                left_out[rid] = (
+                    REACHED_RECENTLY,
+                    f"this campaign reached the recipient less than {text} ago (audience.exclude_reached)",
+                )
+        own = len(left_out)
+        if self.cap is not None:
+            runs, limit = self.cap
+            rest = [rid for rid in ids if rid not in left_out]
+            for rid, n in self.ledger.reached(rest, runs, self.now - limit.period).items():
+                if n >= limit.count:
+                    within = format_duration(limit.period)
+                    text = f"{n} campaign(s) reached the recipient within {within} (limits.per_recipient)"
+                    left_out[rid] = (FREQUENCY_CAP, text)
+        if left_out:
+            for message in messages:
+                reason = left_out.get(message.recipient_id)
+                if reason is not None and message.status in (Status.CREATED, Status.WAITING):
+                    message.status = Status.SKIPPED
+                    message.error_code, message.error_text = reason
+                    message.address = None  # not needed: nothing will be sent
+        return own, len(left_out) - own
+
+
 class _Writer:
     """Writes split batches in a thread of its own, in order, while the next batch is being prepared.
 
@@ -325,9 +414,13 @@ class _Writer:
         screen: _Screen | None,
         *,
         campaign: str = "",
+        reach: _Reach | None = None,
     ) -> None:
         self.ledger = rt.ledger
         self.screen = screen
+        self.reach = reach
+        self.reached_recently = 0
+        self.capped = 0
         self.campaign = campaign  # the label of the messages it stores (smartpush_messages_total)
         self.suppressed = 0
         self.run_id = run_id
@@ -364,6 +457,10 @@ class _Writer:
             recipients, messages, last_line, index = job
             try:
                 if recipients:
+                    if self.reach is not None:
+                        own, capped = self.reach.apply(messages)
+                        self.reached_recently += own
+                        self.capped += capped
                     if self.screen is not None:  # here, so the lookups overlap the reading of rows
                         self.suppressed += self.screen.apply(messages)
                     self.ledger.add_batch(self.run_id, recipients, messages)

@@ -12,6 +12,8 @@ from pydantic import AfterValidator, BeforeValidator, PlainSerializer
 
 __all__ = [
     "Duration",
+    "Frequency",
+    "FrequencyValue",
     "Rate",
     "RateValue",
     "TimeZoneName",
@@ -112,11 +114,42 @@ def parse_rate(value: Any) -> RateValue:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class FrequencyValue:
+    """At most ``count`` times per ``period`` (``1/7d``: once a week), as written."""
+
+    count: int
+    period: timedelta
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_frequency(value: Any) -> FrequencyValue:
+    """``"1/7d"``, ``"2/30d"``, ``"1/24h"`` → :class:`FrequencyValue`."""
+    if isinstance(value, FrequencyValue):
+        return value
+    if isinstance(value, str):
+        count, sep, period = value.partition("/")
+        if sep and count.strip().isdigit():
+            try:
+                duration = parse_duration(period)
+            except ValueError:
+                duration = timedelta(0)
+            if int(count) >= 1 and duration > timedelta(0):
+                return FrequencyValue(int(count), duration, value.strip().replace(" ", ""))
+    raise ValueError(
+        f"'{value}' is not a frequency: write how many times per period, such as 1/7d (once a week) or 2/30d"
+    )
+
+
 Duration = Annotated[
     timedelta,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
 ]
+Frequency = Annotated[FrequencyValue, BeforeValidator(parse_frequency), PlainSerializer(str, return_type=str)]
 Rate = Annotated[RateValue, BeforeValidator(parse_rate), PlainSerializer(str, return_type=str)]
 
 
