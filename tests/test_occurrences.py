@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -124,3 +125,75 @@ def test_send_key_auto_refuses_a_stale_slot(
     assert out["launched"] is False and "catch_up" in out["refused"]
     runs = json.loads(run_cli("runs", "--json", cwd=project).stdout)
     assert runs == [] or runs.get("runs") == []  # nothing was launched
+
+
+def failing_project(root: Path, url: str, schedule: str) -> Path:
+    """A project whose SMS provider refuses every number: its runs end partly failed (exit 3)."""
+    root.mkdir()
+    (root / "smartpush.yaml").write_text(
+        f"database: sqlite:///{root / 'ledger.db'}\n"
+        f"providers:\n  sms:\n    type: webhook\n    base_url: {url}\n    path: /sms\n",
+        encoding="utf-8",
+    )
+    (root / "people.csv").write_text("id;phone\n1;0612345678\n2;0612345679\n", encoding="utf-8")
+    path = root / "rappel.yaml"
+    path.write_text(
+        "name: rappel\ncategory: service\naudience: {source: people.csv, id: id}\n"
+        "channels:\n  - {channel: sms, provider: sms, body: Bonjour.}\n"
+        f"schedule:\n  {schedule}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_a_second_send_key_auto_returns_the_slot_s_run_with_its_exit_code(
+    tmp_path: Path, run_cli: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    from smartpush.testing import FakeProviderServer, Reply
+
+    with FakeProviderServer(responder=lambda request: Reply(400, {"error": "invalid number"})) as server:
+        slot = (datetime.now(UTC) - timedelta(minutes=5)).replace(second=0, microsecond=0)
+        path = failing_project(tmp_path / "p", server.url, f"at: {slot.isoformat()}")
+        first = run_cli("send", path, "--yes", "--json", "--key", "auto", cwd=path.parent)
+        again = run_cli("send", path, "--yes", "--json", "--key", "auto", cwd=path.parent)
+        sent = len(server.requests)
+    assert first.returncode == again.returncode == 3, first.stderr + again.stderr  # partly failed, twice
+    a, b = json.loads(first.stdout), json.loads(again.stdout)
+    assert (a["launched"], b["launched"]) == (True, False)
+    assert a["run_id"] == b["run_id"] and b["counts"] == {"permanent-failure": 2}
+    assert sent == 2  # the second trigger sent nothing
+
+
+def test_a_slot_s_run_is_found_even_once_catch_up_has_passed(
+    tmp_path: Path, run_cli: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    """A retry hours later finds the run the slot launched in time, instead of a refusal."""
+    stale = (datetime.now(UTC) - timedelta(hours=3)).replace(second=0, microsecond=0)
+    root = tmp_path / "p"
+    path = failing_project(root, "http://127.0.0.1:9", f"at: {stale.isoformat()}")
+    (root / "smartpush.yaml").write_text(
+        f"database: sqlite:///{root / 'ledger.db'}\nproviders:\n  sms:\n    type: outbox\n    path: outbox\n",
+        encoding="utf-8",
+    )
+    key = f"rappel@{stale.astimezone(ZoneInfo('Europe/Paris')).strftime('%Y-%m-%dT%H:%M')}"
+    launched = run_cli("send", path, "--yes", "--json", "--key", key, cwd=root)
+    assert launched.returncode == 0, launched.stderr
+    retry = run_cli("send", path, "--yes", "--json", "--key", "auto", cwd=root)
+    assert retry.returncode == 0, retry.stderr
+    out = json.loads(retry.stdout)
+    assert out["launched"] is False and out["run_id"] == json.loads(launched.stdout)["run_id"]
+
+
+def test_a_refused_stale_slot_is_on_record_as_skipped(
+    project: Path, run_cli: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    path = project / "campaigns" / "rappel-vaccination-grippe.yaml"
+    stale = datetime.now(UTC) - timedelta(hours=3)
+    text = path.read_text(encoding="utf-8") + f"schedule:\n  at: {stale.isoformat()}\n"
+    path.write_text(text, encoding="utf-8")
+    assert run_cli("send", path, "--yes", "--key", "auto", cwd=project).returncode == 1
+    listed = run_cli("runs", "--campaign", "rappel-vaccination-grippe", "--json", cwd=project)
+    history = json.loads(listed.stdout)
+    (slot,) = history["occurrences"]
+    assert (slot["outcome"], slot["source"], slot["run_id"]) == ("skipped", "send", None)
+    assert "catch_up" in slot["reason"] and history["runs"] == []
