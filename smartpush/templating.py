@@ -15,13 +15,16 @@ The names in :data:`PROVIDED_NAMES` are not columns: the caller puts them in the
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 import unicodedata
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from dataclasses import field as dc_field
 from pathlib import Path, PurePosixPath
+from types import CodeType
 from typing import Any
 
 from jinja2 import BaseLoader, Environment, StrictUndefined, Template, TemplateNotFound, nodes
@@ -31,7 +34,7 @@ from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.meta import find_undeclared_variables
 from jinja2.parser import Parser
 from jinja2.runtime import Context, Undefined, new_context
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import MAX_RANGE, SandboxedEnvironment
 
 from smartpush.errors import Problem, TemplateError
 from smartpush.filters import Filters
@@ -56,6 +59,229 @@ class _RefusedPath(Exception):
 
 def _finalize(value: Any) -> Any:
     return "" if value is None else value
+
+
+# -- limits: a template gets a bounded amount of work and memory per message ---------------------------
+
+#: Loop turns plus calls (macros, methods, ``loop()``) one render may make: a real message makes a few
+#: hundred; nested loops over ``range()`` or a macro that calls itself twice would make billions.
+MAX_STEPS = 100_000
+#: Characters of any text (or items of any list) a template makes, and of its output: a whole HTML
+#: newsletter is a few hundred KB; ``'x' * 10**9`` would be a gigabyte.
+MAX_TEXT = 1_000_000
+#: Bits of an integer ``**`` may make (``2 ** 10**9`` would take minutes and hundreds of MB).
+_MAX_POWER_BITS = 4096
+#: Filters whose integer arguments say how big their result is (a width, a count of lines or slices).
+_SIZE_FILTERS = frozenset({"center", "indent", "wordwrap", "batch", "slice", "truncate", "format"})
+#: Filters whose result can be much longer than their input, so it is measured; any other filter gives
+#: at most a few times what it was given.
+_GROWING_FILTERS = _SIZE_FILTERS | {"replace", "join", "list", "map", "sum", "pprint", "tojson", "urlize"}
+#: ``str`` methods whose integer arguments say how big their result is.
+_SIZE_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+_NUMBER = re.compile(r"\d+")
+_NESTED_FIELD = re.compile(r"\{[^{}]*:[^{}]*\{")
+_PRINTF_STAR = re.compile(r"%[-#0 +]*(\*|\d*\.\*)")
+_PRINTF_SPEC = re.compile(r"%[-#0 +]*(\d*)(?:\.(\d*))?")
+
+
+class _TooCostly(Exception):
+    """A render went past :data:`MAX_STEPS` or :data:`MAX_TEXT`; the message says which, for a person."""
+
+
+class _Budget:
+    """The steps left to one render."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_STEPS
+
+    def step(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise _TooCostly(
+                f"does too much work for one message (more than {MAX_STEPS:,} loop turns and calls); "
+                "check its loops and macros"
+            )
+
+
+_BUDGET: ContextVar[_Budget | None] = ContextVar("smartpush_template_budget", default=None)
+
+
+def _step() -> None:
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.step()
+
+
+def _too_long(what: str) -> _TooCostly:
+    return _TooCostly(f"makes {what} longer than {MAX_TEXT:,} characters, more than any message needs")
+
+
+def _check_size(value: Any) -> Any:
+    """``value`` itself, unless it is a text or a collection longer than :data:`MAX_TEXT`."""
+    if isinstance(value, str | list | tuple | dict | set | bytes) and len(value) > MAX_TEXT:
+        raise _too_long("a text or a list")
+    return value
+
+
+def _check_ints(values: Iterable[Any]) -> None:
+    for value in values:
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TEXT:
+            raise _too_long("a text")
+
+
+def _check_printf(fmt: Any, args: Iterable[Any]) -> None:
+    """Refuse a ``%`` format whose widths or precisions would make a huge text."""
+    if not isinstance(fmt, str):
+        return
+    for match in _PRINTF_SPEC.finditer(fmt):
+        _check_ints(int(n) for n in match.groups() if n)
+    if _PRINTF_STAR.search(fmt):
+        _check_ints(args)
+
+
+def _bounded_concat(parts: Iterable[str]) -> str:
+    """``"".join(parts)``, refusing an output longer than :data:`MAX_TEXT` before it is built.
+
+    The parts are already made (each one bounded); only their sum is checked before joining.
+    """
+    kept = parts if isinstance(parts, list) else list(parts)
+    if sum(map(len, kept)) > MAX_TEXT:
+        raise _too_long("a text")
+    return "".join(kept)
+
+
+def _counted(iterable: Iterable[Any]) -> Iterator[Any]:
+    """The items of a ``{% for %}`` loop, each one a step of the render's budget."""
+    budget = _BUDGET.get()
+    for item in iterable:
+        if budget is not None:
+            budget.step()
+        yield item
+
+
+def _guarded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    sizes = name in _SIZE_FILTERS
+
+    @functools.wraps(func)  # keeps Jinja's pass_context/pass_eval_context marks
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if sizes:
+            values = [a for a in args if not isinstance(a, Context)]
+            if name == "format":
+                _check_printf(values[0] if values else None, [*values[1:], *kwargs.values()])
+            else:
+                _check_ints([*values[1:], *kwargs.values()])
+        return _check_size(func(*args, **kwargs))
+
+    return guarded
+
+
+_TOO_DEEP = "the template is nested too deeply (brackets, operators, or more than 20 loops one in another)"
+
+#: The name of the filter every ``{% for %}`` iterable is passed through (see :meth:`_Sandbox._parse`).
+_COUNTED = "_smartpush_counted"
+
+
+class _Sandbox(SandboxedEnvironment):
+    """Jinja's sandbox, plus bounds on the work and the memory one render may use.
+
+    Every loop turn and every call is a step of a per-render budget (:data:`MAX_STEPS`); ``*``, ``**``,
+    ``+`` and ``%``, size-giving filters and ``str`` methods, ``str.format`` widths, attribute reads
+    and the output itself are refused past :data:`MAX_TEXT`. The optimizer is off: it would run
+    filters and operators on constants while compiling, before any of these checks.
+    """
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(optimized=False, **options)
+        self.concat = _bounded_concat  # type: ignore[method-assign]  # macros, blocks, {% set %} blocks
+        self.globals.pop("lipsum", None)  # lorem ipsum has no place in a message, and n=10**6 takes minutes
+        self.filters[_COUNTED] = _counted
+
+    def add_filters(self, filters: Mapping[str, Callable[..., Any]]) -> None:
+        """Install ``filters``; the ones that can grow a text are wrapped by :func:`_guarded_filter`."""
+        self.filters.update(filters)
+        for name in _GROWING_FILTERS & set(self.filters):
+            self.filters[name] = _guarded_filter(name, self.filters[name])
+
+    # Nesting (brackets, operators, blocks) deep enough to exhaust Python's stack, or the 20 nested
+    # loops CPython compiles, is a syntax error of the template, not a crash.
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        try:
+            ast = super()._parse(source, name, filename)
+            for loop in ast.find_all(nodes.For):
+                loop.iter = nodes.Filter(loop.iter, _COUNTED, [], [], None, None, lineno=loop.lineno)
+        except RecursionError:
+            raise JinjaSyntaxError(_TOO_DEEP, 1, name, filename) from None
+        return ast
+
+    def _generate(
+        self, source: nodes.Template, name: str | None, filename: str | None, defer_init: bool = False
+    ) -> str:
+        try:
+            return super()._generate(source, name, filename, defer_init)
+        except RecursionError:
+            raise JinjaSyntaxError(_TOO_DEEP, 1, name, filename) from None
+
+    def _compile(self, source: str, filename: str) -> CodeType:
+        try:
+            return super()._compile(source, filename)
+        except (RecursionError, SyntaxError, MemoryError):
+            raise JinjaSyntaxError(_TOO_DEEP, 1) from None
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        sized = (str, list, tuple)
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, sized) and isinstance(times, int) and len(seq) * times > MAX_TEXT:
+                    raise _too_long("a text or a list")
+        elif operator == "**":
+            big = isinstance(left, int) and isinstance(right, int) and abs(left) > 1
+            if big and right * abs(left).bit_length() > _MAX_POWER_BITS:
+                raise _TooCostly(f"computes a number of more than {_MAX_POWER_BITS} bits")
+        elif operator == "%":
+            _check_printf(left, right if isinstance(right, tuple) else [right])
+        elif isinstance(left, sized) and isinstance(right, sized) and len(left) + len(right) > MAX_TEXT:
+            raise _too_long("a text or a list")  # "+"
+        return _check_size(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _step()
+        for value in (*args, *kwargs.values()):
+            _check_size(value)  # a macro calling itself with a text twice as long each time
+            if isinstance(value, list | tuple):
+                for item in value:
+                    _check_size(item)
+        if getattr(__obj, "__name__", None) in _SIZE_METHODS and isinstance(
+            getattr(__obj, "__self__", None), str
+        ):
+            _check_ints([*args, *kwargs.values()])
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        return _check_size(super().getattr(obj, attribute))
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        return _check_size(super().getitem(obj, argument))
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        fmt: str = value.__self__
+
+        @functools.wraps(wrapped)
+        def bounded(*args: Any, **kwargs: Any) -> str:
+            _check_ints(int(n) for n in _NUMBER.findall(fmt))
+            if _NESTED_FIELD.search(fmt):  # a width given as an argument: {:{}}
+                given = args[0].values() if value.__name__ == "format_map" and args else kwargs.values()
+                _check_ints([*args, *given])
+            result: str = _check_size(wrapped(*args, **kwargs))
+            return result
+
+        return bounded
 
 
 class _ConfinedLoader(BaseLoader):
@@ -138,6 +364,15 @@ class _Origin:
                 msg = f"uses {shown}, which this row's value does not have"
         elif isinstance(exc, SecurityError):
             msg = "tries to reach Python internals, which is not allowed in templates"
+        elif isinstance(exc, _TooCostly):
+            msg = str(exc)
+        elif isinstance(exc, RecursionError):
+            msg = "calls itself too deeply (a macro or an include that never stops calling itself?)"
+        elif isinstance(exc, OverflowError | MemoryError):
+            msg = (
+                f"asks for too big a range, number or text (range() gives at most {MAX_RANGE:,} numbers, "
+                f"a text at most {MAX_TEXT:,} characters)"
+            )
         elif isinstance(exc, TemplateError):  # a smartpush filter refusing a value
             msg = "; ".join(p.message for p in exc.problems)
         elif isinstance(exc, _RefusedPath):
@@ -177,14 +412,17 @@ class CompiledTemplate:
         """Render for one row (plus :data:`PROVIDED_NAMES`); the output is exact, never stripped."""
         template = self._template
         parent = {**self._globals, **context}
+        budget = _BUDGET.set(_Budget())
         try:
             try:
-                return "".join(template.root_render_func(_context(template, parent)))
+                return _bounded_concat(template.root_render_func(_context(template, parent)))
             except Exception:
                 template.environment.handle_exception()  # re-raises with template lines in the traceback
                 raise  # pragma: no cover - handle_exception always raises
         except Exception as exc:
             raise self._where.translate(exc) from None
+        finally:
+            _BUDGET.reset(budget)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +438,7 @@ class CompiledExpression:
     def __call__(self, context: Mapping[str, Any]) -> Any:
         template = self._expression._template
         parent = {**self._globals, **context}
+        budget = _BUDGET.set(_Budget())
         try:
             try:
                 ctx = _context(template, parent)
@@ -214,6 +453,8 @@ class CompiledExpression:
             return value
         except Exception as exc:
             raise self._where.translate(exc) from None
+        finally:
+            _BUDGET.reset(budget)
 
 
 class Templates:
@@ -233,10 +474,10 @@ class Templates:
             "auto_reload": False,  # no stat() per include per row; a run uses the files as compiled
             "finalize": _finalize,
         }
-        self.text_env = SandboxedEnvironment(autoescape=False, **options)
-        self.html_env = SandboxedEnvironment(autoescape=True, **options)
+        self.text_env = _Sandbox(autoescape=False, **options)
+        self.html_env = _Sandbox(autoescape=True, **options)
         for env in (self.text_env, self.html_env):
-            env.filters.update(self.filters.as_dict())
+            env.add_filters(self.filters.as_dict())
 
     def compile(
         self,
@@ -248,8 +489,16 @@ class Templates:
         line: int | None = None,
     ) -> CompiledTemplate:
         """Compile a template file (``value`` ends in ``.j2``) or an inline template, once."""
-        env = self.html_env if html else self.text_env
         at: dict[str, Any] = {"file": campaign_file, "line": line, "field": field}
+        try:
+            return self._compile(value, html, at)
+        except RecursionError:  # the analysis of a template nested too deeply
+            where = "the template file" if value.endswith(".j2") else "the inline template"
+            raise TemplateError(Problem(f"syntax error in {where}: {_TOO_DEEP}", **at)) from None
+
+    def _compile(self, value: str, html: bool, at: dict[str, Any]) -> CompiledTemplate:
+        field = at["field"]
+        env = self.html_env if html else self.text_env
         if value.endswith(".j2"):
             name = self._template_name(value, at)
             origin = f"{TEMPLATES_FOLDER}/{name}"
@@ -279,11 +528,13 @@ class Templates:
         try:
             compiled = env.compile_expression(source, undefined_to_none=False)
             expr = Parser(env, source, state="variable").parse_expression()
+            ast = nodes.Template([nodes.Output([expr])], lineno=1)
+            ast.set_environment(env)
+            where = replace(self._origin(env, origin, ast, at, inline=True), kind="expression")
         except JinjaSyntaxError as exc:
             raise TemplateError(Problem(f"syntax error in the expression: {exc.message}", **at)) from None
-        ast = nodes.Template([nodes.Output([expr])], lineno=1)
-        ast.set_environment(env)
-        where = replace(self._origin(env, origin, ast, at, inline=True), kind="expression")
+        except RecursionError:
+            raise TemplateError(Problem(f"syntax error in the expression: {_TOO_DEEP}", **at)) from None
         return CompiledExpression(
             origin, frozenset(where.locations), compiled, where, dict(compiled._template.globals)
         )
