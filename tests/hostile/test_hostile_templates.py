@@ -110,7 +110,7 @@ def test_files_outside_templates_are_refused_when_named_by_the_row(templates: Te
 
 def test_a_template_file_path_cannot_leave_templates(templates: Templates) -> None:
     for path in ("templates/../secret.j2", "/etc/passwd.j2", "templates/lien/secret.j2", "../x.j2"):
-        with pytest.raises(TemplateError, match="inside the project's templates/ folder|not found"):
+        with pytest.raises(TemplateError, match=r"inside the project's templates/ folder|not found"):
             templates.compile(path, field="channels[0].body")
 
 
@@ -138,7 +138,8 @@ COSTLY = {
     "{% for i in range(100000) %}{% for j in range(100000) %}{% for k in range(9) %}"
     "{{ k }}{% endfor %}{% endfor %}{% endfor %}": "too much work",
     "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}": "calls itself",
-    "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(64) }}": "too much work",
+    "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+    "{{ f(64) }}": "too much work",
     "{% macro d(s) %}{{ d(s ~ s) }}{% endmacro %}{{ d('x') }}": "longer than",
     "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
     "{{ ns.s }}": "longer than",
