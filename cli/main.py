@@ -318,12 +318,20 @@ def scheduler(
 
 
 @cli.command("runs")
-@click.option("--campaign", metavar="NAME", help="Only the runs of this campaign.")
+@click.option(
+    "--campaign",
+    metavar="NAME",
+    help="Only this campaign's runs, after its scheduled slots: launched (the run, its counts) or skipped (why).",
+)
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True, help="How many runs.")
 @common
 @click.pass_obj
 def runs_(state: State, campaign: str | None, limit: int) -> None:
-    """List runs, newest first, with their state and counts."""
+    """List runs, newest first, with their state and counts.
+
+    With --campaign NAME, first the history of the campaign's scheduled slots (`send --key auto`, the
+    scheduler): each slot's key, launched or skipped, by which, and the run's counts or the reason.
+    """
     from . import runs
 
     runs.list_runs(state, campaign, limit)
