@@ -321,7 +321,7 @@ def scheduler(
 @click.option(
     "--campaign",
     metavar="NAME",
-    help="Only this campaign's runs, after its scheduled slots: launched (the run, its counts) or skipped (why).",
+    help="Only this campaign's runs, after its scheduled slots: launched (run, counts) or skipped (why).",
 )
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True, help="How many runs.")
 @common
