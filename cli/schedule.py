@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -13,11 +14,14 @@ from typing import TYPE_CHECKING
 from smartpush.config import load_config
 from smartpush.errors import ConfigError
 from smartpush.ledger import RunState
+from smartpush.units import format_duration
 
 from . import output
 from .commands import reporting
 from .main import EXIT_INVALID
 from .runs import POLL_S, _sending
+
+logger = logging.getLogger("smartpush.scheduler")
 
 if TYPE_CHECKING:
     from smartpush.engine import Engine
@@ -64,7 +68,14 @@ def scheduler(
                         raise SystemExit(EXIT_INVALID)
                     return
                 while not stop.is_set():
-                    _pass(sched, engine, embedded)
+                    try:
+                        _pass(sched, engine, embedded)
+                    except Exception:  # a database or broker hiccup must not stop the scheduler
+                        logger.exception(
+                            "scheduler pass failed; trying again in %s",
+                            format_duration(tick),
+                            extra={"outcome": "error"},
+                        )
                     stop.wait(tick.total_seconds())
             finally:
                 sched.release()
