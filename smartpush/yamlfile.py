@@ -16,9 +16,16 @@ import yaml
 
 from .errors import ConfigError, Problem
 
-__all__ = ["Locations", "load", "load_text"]
+__all__ = ["MAX_FILE_BYTES", "MAX_VALUES", "Locations", "load", "load_text"]
 
 PathPart = str | int
+
+#: The largest YAML file read: a campaign or a config is a few KB; a file of this size is a mistake
+#: (a data file given as a campaign) and would be read whole into memory.
+MAX_FILE_BYTES = 4 << 20
+#: Keys, values and list items of one document, each use of an ``&anchor`` counted again: a file with
+#: more is refused before it is expanded (nine nested anchors of nine items each make 387 million).
+MAX_VALUES = 100_000
 
 
 @dataclass
@@ -70,13 +77,33 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
-def _walk(node: yaml.Node, loader: _Loader, path: tuple[PathPart, ...], locs: Locations) -> Any:
+class _Budget:
+    """How many more values :func:`_walk` may expand."""
+
+    def __init__(self) -> None:
+        self.left = MAX_VALUES
+
+
+def _walk(
+    node: yaml.Node, loader: _Loader, path: tuple[PathPart, ...], locs: Locations, budget: _Budget
+) -> Any:
+    budget.left -= 1
+    if budget.left < 0:
+        raise ConfigError(
+            Problem(
+                f"the file holds more than {MAX_VALUES:,} values (each use of an &anchor counts again); "
+                "a campaign or a config needs a few hundred",
+                file=locs.file,
+                line=node.start_mark.line + 1,
+                column=node.start_mark.column + 1,
+            )
+        )
     locs.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         loader.flatten_mapping(node)
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            key = _scalar(key_node, loader, locs)
             if not isinstance(key, str | int | float | bool) or key is None:
                 raise ConfigError(
                     Problem(
@@ -99,22 +126,45 @@ def _walk(node: yaml.Node, loader: _Loader, path: tuple[PathPart, ...], locs: Lo
                     )
                 )
             locs.key_marks[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            out[key] = _walk(value_node, loader, child, locs)
+            out[key] = _walk(value_node, loader, child, locs, budget)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_walk(item, loader, (*path, i), locs) for i, item in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)
+        return [_walk(item, loader, (*path, i), locs, budget) for i, item in enumerate(node.value)]
+    return _scalar(node, loader, locs)
+
+
+def _scalar(node: yaml.Node, loader: _Loader, locs: Locations) -> Any:
+    """The value of a node; a value its tag cannot read (``!!int 0xzz``, a 5,000-digit number,
+    ``!!timestamp 2026-13-45``) is a :class:`ConfigError` at its line, not a traceback."""
+    try:
+        return loader.construct_object(node, deep=True)
+    except yaml.YAMLError:
+        raise
+    except Exception:  # PyYAML's constructors let ValueError, IndexError ("!!int ''") and others out
+        raise ConfigError(
+            Problem(
+                f"this value cannot be read as {node.tag.rpartition(':')[2] or 'YAML'}",
+                file=locs.file,
+                line=node.start_mark.line + 1,
+                column=node.start_mark.column + 1,
+            )
+        ) from None
 
 
 def load_text(text: str, display_name: str) -> tuple[Any, Locations]:
     """Parse ``text``; YAML syntax errors become a :class:`ConfigError` with the line and column."""
     locs = Locations(display_name)
-    loader = _Loader(text)
+    loader: _Loader | None = None
     try:
+        loader = _Loader(text)  # refuses control characters (a ReaderError) before anything is parsed
         node = loader.get_single_node()
         if node is None:
             return None, locs
-        return _walk(node, loader, (), locs), locs
+        return _walk(node, loader, (), locs, _Budget()), locs
+    except RecursionError:
+        raise ConfigError(
+            Problem("the file is nested too deeply (brackets or indented blocks)", file=display_name)
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         what = exc.problem or "this is not valid YAML"
@@ -132,13 +182,18 @@ def load_text(text: str, display_name: str) -> tuple[Any, Locations]:
     except yaml.YAMLError as exc:
         raise ConfigError(Problem(f"YAML error: {exc}", file=display_name)) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load(path: Path, display_name: str | None = None) -> tuple[Any, Locations]:
     """Read and parse a YAML file; a missing or unreadable file is a :class:`ConfigError`."""
     name = display_name or str(path)
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ConfigError(
+                Problem(f"the file is larger than {MAX_FILE_BYTES >> 20} MiB: is it really YAML?", file=name)
+            )
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ConfigError(Problem(f"file not found: {name}", file=name)) from None
@@ -149,4 +204,7 @@ def load(path: Path, display_name: str | None = None) -> tuple[Any, Locations]:
         raise ConfigError(
             Problem("the file is not UTF-8 text; save it as UTF-8", file=name, line=line)
         ) from None
+    except (OSError, ValueError) as exc:  # no permission, a name too long, a NUL in the name
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a usable file name"
+        raise ConfigError(Problem(f"{name} cannot be read ({why})", file=name)) from None
     return load_text(text, name)
