@@ -99,7 +99,8 @@ class AudienceFile:
         if encoding.strip().lower() != "auto":
             try:
                 self._configured_encoding = codecs.lookup(encoding.strip()).name
-                b"".decode(self._configured_encoding)  # refuses bytes-to-bytes codecs such as base64
+                # refuses bytes-to-bytes and text-to-text codecs such as base64 or rot13
+                b"x".decode(self._configured_encoding, errors="ignore")
             except LookupError:
                 raise self._error(
                     f"audience.encoding: unknown encoding {encoding!r}; use auto or a codec name "
@@ -223,6 +224,11 @@ class AudienceFile:
                     prefix = bytes(exc.object[: exc.start]).decode(encoding, errors="replace")
                     line += _count_newlines(prefix, after_cr)
                     break
+                except (
+                    UnicodeError
+                ):  # a codec refusing the whole stream ("UTF-16 ... does not start with BOM")
+                    line = 0
+                    break
                 line += _count_newlines(text, after_cr)
                 after_cr = text.endswith("\r") if text else after_cr
                 if not chunk:
@@ -249,7 +255,7 @@ class AudienceFile:
                 if first.strip():
                     break
                 skipped += 1
-        except UnicodeDecodeError:
+        except UnicodeError:
             raise self._decode_error() from None
         if not first.strip():
             raise self._error(
@@ -261,7 +267,7 @@ class AudienceFile:
         line = skipped + 1
         try:
             cells = next(reader)
-        except UnicodeDecodeError:
+        except UnicodeError:
             raise self._decode_error() from None
         except csv.Error as exc:
             raise self._error(f"the header cannot be read as CSV ({exc})", line=line) from None
@@ -306,7 +312,7 @@ class AudienceFile:
                     data = dict(zip(header, values + [""] * (n - len(values)), strict=False))
                     cells_, columns_ = _plural(len(values), "cell"), _plural(n, "column")
                     yield Row(line, data, f"the row has {cells_} but the header has {columns_}")
-        except UnicodeDecodeError:
+        except UnicodeError:
             raise self._decode_error() from None
         except csv.Error as exc:
             raise self._error(
@@ -396,7 +402,7 @@ class AudienceFile:
             for raw in f:
                 try:
                     yield raw.decode(encoding)
-                except UnicodeDecodeError:
+                except UnicodeError:
                     raise self._decode_error() from None
                 left -= len(raw)
                 if left <= 0:
@@ -412,7 +418,7 @@ class AudienceFile:
                     number += 1
                     if text.strip():
                         break
-            except UnicodeDecodeError:
+            except UnicodeError:
                 raise self._decode_error() from None
         if not text.strip():
             raise self._error(f"audience file {self._name} is empty: it needs one JSON object per line")
@@ -431,7 +437,7 @@ class AudienceFile:
                     empty = False
                     data, error = _parse_json_line(text)
                     yield Row(number, data if data is not None else {}, error)
-            except UnicodeDecodeError:
+            except UnicodeError:
                 raise self._decode_error() from None
         if empty:
             raise self._error(f"audience file {self._name} is empty: it needs one JSON object per line")
@@ -442,8 +448,10 @@ def _parse_json_line(text: str) -> tuple[dict[str, Any] | None, str | None]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"line is not valid JSON: {exc.msg} at column {exc.colno}"
-    except ValueError:
+    except ValueError:  # a number of more than 4,300 digits
         return None, "line is not valid JSON"
+    except RecursionError:
+        return None, "line is not valid JSON: its values are nested too deeply"
     if not isinstance(value, dict):
         kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(
             type(value), "a number"
