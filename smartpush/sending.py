@@ -3,6 +3,12 @@
 Idempotent by construction: only messages that :meth:`Ledger.claim` moved from ``created`` to
 ``sending`` are handed to a provider, so a redelivered segment, a second worker or a resumed run never
 sends a message twice. Retries are decided here, by the class of the provider's error alone.
+
+At-least-once where it cannot be otherwise: a message whose worker dies between the provider's answer
+and the ledger's write stays ``sending`` and the sweeper sends it again, with the same message id as the
+provider's idempotency key. That window is kept small: results are written while the batch is still
+sending (:class:`Recorder`, every :data:`RECORD_EVERY_S`), and a write that fails because the database
+is briefly out of reach is tried again (:data:`RECORD_RETRY_S`) instead of leaving the batch ``sending``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from zoneinfo import ZoneInfo
 from . import logs
 from .campaign import Category, Retry
 from .errors import (
+    InfrastructureError,
     PermanentError,
     ProviderError,
     RecipientError,
@@ -62,6 +69,14 @@ SUPPRESSION_RECHECK_S = 1.0
 STORE_DOWN_WAIT = timedelta(seconds=10)
 #: How long a throttled message waits when the provider gives no Retry-After.
 DEFAULT_THROTTLE_WAIT_S = 1.0
+#: A batch's results are written to the ledger at least this often while it sends: a worker killed
+#: mid-batch leaves only the last moments' messages ``sending`` (to be sent again), not all 200.
+RECORD_EVERY_S = 0.05
+#: How long the results of messages already handed to a provider are kept and written again while
+#: the ledger database is out of reach (a PostgreSQL restart); below the default ``stuck_after``.
+RECORD_RETRY_S = 120.0
+#: The pause between two of those tries.
+RECORD_RETRY_PAUSE_S = 0.5
 
 Enqueue = Callable[[str, int, int | None], None]  # run id, segment, delay in ms
 
@@ -171,10 +186,8 @@ def process_segment(
             count_recorded(run.campaign, screened.stopped, screened.results)
             _follow_up(rt, run, screened.stopped, screened.results, outcome)  # next channel, if any
             batch = screened.send
-        results, handed_back = rt.run(_send_all(rt, prepared, evaluator, batch, should_yield))
-        if screened.bypassed:  # a `service` notice sent despite an opt-out: on record
-            results = screened.mark(results)
-        ledger.record(results, now_utc())
+        mark = screened.mark if screened.bypassed else None  # a `service` notice despite an opt-out
+        results, handed_back = rt.run(_send_all(rt, prepared, evaluator, batch, should_yield, mark))
         count_recorded(run.campaign, batch, results)
         _suppress_dead_addresses(rt, batch, results)
         _follow_up(rt, run, batch, results, outcome)
@@ -379,22 +392,108 @@ class Handback:
                     limiter.abandon(self)
 
 
+def record_durably(ledger: Ledger, results: list[Result]) -> None:
+    """:meth:`Ledger.record`, tried again for up to :data:`RECORD_RETRY_S` while the database is out of
+    reach: these messages were handed to a provider, and left ``sending`` they would be sent again."""
+    deadline = time.monotonic() + RECORD_RETRY_S
+    while True:
+        try:
+            ledger.record(results, now_utc())
+            return
+        except InfrastructureError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            if logs.every(("record-retry", id(ledger))):
+                logger.warning(
+                    "the ledger cannot record %d results (%s); trying again for up to %.0f s",
+                    len(results),
+                    type(exc.__cause__ or exc).__name__,
+                    RECORD_RETRY_S,
+                    extra={"outcome": "record-retry", "messages": len(results)},
+                )
+            time.sleep(RECORD_RETRY_PAUSE_S)
+
+
+class Recorder:
+    """Writes a batch's results to the ledger while the batch is still sending.
+
+    Results are collected as each message's send ends and written every :data:`RECORD_EVERY_S` (in a
+    thread: the event loop keeps sending meanwhile), then once more at the end of the batch.
+    """
+
+    def __init__(self, ledger: Ledger, mark: Callable[[list[Result]], list[Result]] | None) -> None:
+        self.ledger = ledger
+        self.mark = mark
+        self.pending: list[Result] = []
+        self._stopped = asyncio.Event()
+
+    def add(self, result: Result) -> None:
+        self.pending.append(result)
+
+    async def flush(self) -> None:
+        chunk, self.pending = self.pending, []
+        if not chunk:
+            return
+        if self.mark is not None:
+            chunk = self.mark(chunk)
+        try:
+            await asyncio.to_thread(record_durably, self.ledger, chunk)
+        except BaseException:
+            self.pending[:0] = chunk  # kept for the last flush, which raises if it fails too
+            raise
+
+    def stop(self) -> None:
+        """Ends :meth:`run` at once, or after the write in progress; the caller flushes what is left."""
+        self._stopped.set()
+
+    async def run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                await asyncio.wait_for(self._stopped.wait(), RECORD_EVERY_S)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.flush()
+            except InfrastructureError:
+                continue  # the database stayed away past RECORD_RETRY_S: the last flush says so
+
+
 async def _send_all(
     rt: Runtime,
     prepared: PreparedCampaign,
     evaluator: Evaluator,
     batch: list[MessageRecord],
     should_yield: Callable[[], bool] | None = None,
+    mark: Callable[[list[Result]], list[Result]] | None = None,
 ) -> tuple[list[Result], bool]:
-    """Send a batch; also says whether it was handed back part-way for higher-priority work."""
+    """Send a batch and record its results as they come (see :class:`Recorder`); also says whether it
+    was handed back part-way for higher-priority work. The results returned are recorded."""
     handback = Handback()
+    recorder = Recorder(rt.ledger, mark)
     watcher = asyncio.ensure_future(handback.watch(rt, should_yield)) if should_yield is not None else None
+    writer = asyncio.ensure_future(recorder.run())
+
+    async def one(message: MessageRecord) -> Result:
+        result = await _send_one(rt, prepared, evaluator, message, handback)
+        recorder.add(result)
+        return result
+
     try:
-        results = await asyncio.gather(*(_send_one(rt, prepared, evaluator, m, handback) for m in batch))
+        # Every message's send runs to its end even when one fails unexpectedly, so that what the
+        # others handed to the provider is recorded before the failure is raised.
+        outcomes = await asyncio.gather(*(one(m) for m in batch), return_exceptions=True)
     finally:
         if watcher is not None:
             watcher.cancel()
-    return list(results), handback.on
+        recorder.stop()
+        await writer
+    await recorder.flush()
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome  # the segment fails; the message it concerns is left to the sweeper
+    results = [o for o in outcomes if isinstance(o, Result)]
+    return (mark(results) if mark is not None else results), handback.on
 
 
 def _unsubscribe_url(rt: Runtime, prepared: PreparedCampaign, message: MessageRecord) -> str | None:
@@ -499,6 +598,15 @@ def _quota_wait(rt: Runtime, message: MessageRecord, exc: QuotaExhausted) -> Res
     )
 
 
+async def _still_sending(rt: Runtime, run_id: str) -> bool:
+    """:meth:`Runtime.still_sending`; False while the ledger cannot say (the database is out of reach):
+    the message is not handed to the provider and stays due, as it would for a pause."""
+    try:
+        return await rt.still_sending(run_id)
+    except InfrastructureError:
+        return False
+
+
 async def _send_one(
     rt: Runtime,
     prepared: PreparedCampaign,
@@ -539,7 +647,7 @@ async def _send_one(
     units = parts if getattr(options, "rate_unit", "messages") == "parts" else 1
     retry = prepared.campaign.retry
     provider = rt.provider(account)  # built before waiting: a driver's first use may take a while
-    if not await rt.still_sending(message.run_id):
+    if not await _still_sending(rt, message.run_id):
         return Result(message.id, Status.CREATED, attempted=False)
     try:
         if handback is not None and handback.on:
@@ -567,7 +675,7 @@ async def _send_one(
     try:
         async with limiter.slot():
             # The rate limit may have held this message for a while: is the run still sending?
-            if not await rt.still_sending(message.run_id):
+            if not await _still_sending(rt, message.run_id):
                 await limiter.give_back(units)
                 return Result(message.id, Status.CREATED, attempted=False)
             began = time.monotonic()

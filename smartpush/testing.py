@@ -11,6 +11,12 @@ sends: it records every request and answers as scripted::
 
 It runs its own event loop in a background thread, so it serves synchronous and asynchronous callers
 alike (in the same process it shares the GIL with them: measure fast clients against a separate one).
+
+``FakeProviderServer(idempotent=True)`` behaves like a provider that honours ``Idempotency-Key``: the
+first request with a key that it accepts is delivered (counted by :meth:`delivered_per_key`), and a
+repeat gets the first answer again without a second delivery (counted by :meth:`replayed_per_key`).
+A delivery is counted when the provider decides to accept, before it answers: an answer that is slow,
+or cut off by a reset, was still delivered, as it would be by a real provider.
 """
 
 from __future__ import annotations
@@ -86,10 +92,17 @@ class FakeProviderServer:
     Every attribute and method is safe to use from any thread while the server runs.
     """
 
-    def __init__(self, *, delay_s: float = 0.0, responder: Responder | None = None) -> None:
+    def __init__(
+        self, *, delay_s: float = 0.0, responder: Responder | None = None, idempotent: bool = False
+    ) -> None:
         #: Added before every answer whose reply has no ``delay_s`` of its own.
         self.delay_s = delay_s
         self.responder = responder
+        #: Honour ``Idempotency-Key``: a repeat of a delivered key gets the first answer, no delivery.
+        self.idempotent = idempotent
+        self._delivered: Counter[str] = Counter()
+        self._replayed: Counter[str] = Counter()
+        self._first_answer: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._script: deque[Reply] = deque()
         self._requests: list[RecordedRequest] = []
@@ -194,6 +207,9 @@ class FakeProviderServer:
             self._requests.clear()
             self._per_key.clear()
             self._accepted.clear()
+            self._delivered.clear()
+            self._replayed.clear()
+            self._first_answer.clear()
 
     # -- what was received ---------------------------------------------------------------------------
 
@@ -213,6 +229,18 @@ class FakeProviderServer:
         with self._lock:
             return Counter(self._accepted)
 
+    def delivered_per_key(self) -> Counter[str]:
+        """How many times each key was delivered: accepted (2xx decided), whether or not the answer
+        reached the client. With ``idempotent``, at most 1; without, above 1 is a double send."""
+        with self._lock:
+            return Counter(self._delivered)
+
+    def replayed_per_key(self) -> Counter[str]:
+        """With ``idempotent``: repeats of a delivered key, answered without a second delivery. Each
+        one is a message a provider that ignores the key would have sent twice."""
+        with self._lock:
+            return Counter(self._replayed)
+
     @property
     def connections(self) -> int:
         """Distinct client connections seen (by peer address and port)."""
@@ -221,17 +249,31 @@ class FakeProviderServer:
 
     # -- serving -------------------------------------------------------------------------------------
 
-    def _next_reply(self, recorded: RecordedRequest) -> Reply:
+    def _next_reply(self, recorded: RecordedRequest) -> tuple[Reply, bytes]:
+        """The answer to ``recorded`` and its body; records the delivery it stands for."""
+        key = recorded.idempotency_key
         with self._lock:
             self._requests.append(recorded)
-            key = recorded.idempotency_key
             if key is not None:
                 self._per_key[key] += 1
+                first = self._first_answer.get(key) if self.idempotent else None
+                if first is not None:  # a repeat: the first answer again, nothing delivered
+                    self._replayed[key] += 1
+                    return Reply(delay_s=self.delay_s), first
             scripted = self._script.popleft() if self._script else None
-        if scripted is not None:
-            return scripted
-        responder = self.responder
-        return (responder(recorded) if responder is not None else None) or Reply()
+        if scripted is None:
+            responder = self.responder
+            scripted = (responder(recorded) if responder is not None else None) or Reply()
+        body = _body_of(scripted)
+        if key is not None and 200 <= scripted.status < 300:  # noqa: PLR2004 - 2xx: delivered now
+            with self._lock:
+                if self.idempotent and key in self._first_answer:  # a concurrent repeat won the race
+                    self._replayed[key] += 1
+                    return Reply(delay_s=self.delay_s), self._first_answer[key]
+                self._delivered[key] += 1
+                if self.idempotent:
+                    self._first_answer[key] = body
+        return scripted, body
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -250,11 +292,10 @@ class FakeProviderServer:
             peer=(str(peer[0]), int(peer[1])) if peer else ("", 0),
             received_at=time.monotonic(),
         )
-        reply = self._next_reply(recorded)
+        reply, body = self._next_reply(recorded)
         delay = self.delay_s if reply.delay_s is None else reply.delay_s
         if delay > 0:
             await asyncio.sleep(delay)
-        body = _body_of(reply)
         if reply.reset:
             return await _cut_short(request, reply, body)
         response = web.Response(
