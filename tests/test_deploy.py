@@ -1,5 +1,5 @@
-"""deploy/: what an operator copies (compose, Kubernetes, systemd, Prometheus, Grafana) is valid, queries
-only the metrics SPEC.md lists, and runs only real smartpush commands.
+"""deploy/: what an operator copies (compose, Kubernetes, systemd, cron, Prometheus, Grafana) is valid,
+queries only the metrics SPEC.md lists, and runs only real smartpush commands.
 
 External checkers run where they are installed, and a test that needs a missing one skips and says
 which: `promtool` (Debian's `prometheus` package, which .ci/run installs), `docker compose`,
@@ -35,6 +35,7 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "smartpush.json"
 K8S = DEPLOY / "kubernetes"
 SYSTEMD = DEPLOY / "systemd"
 COMPOSE = DEPLOY / "docker-compose.yml"
+CRONTAB = DEPLOY / "cron" / "smartpush.crontab"
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -73,10 +74,6 @@ STATUSES = {
 TARGET_LABELS = {"job", "instance"}
 #: SPEC.md's "queue (waiting, delayed)": smartpush/metrics.py gives each queue's two lengths as `state`.
 STATE_LABELS = {"smartpush_queue_messages": frozenset({"state"})}
-
-#: Commands and options the deployment files use before the code has them, and why.
-PENDING_COMMANDS = {"scheduler": "`smartpush scheduler` comes with issue 8 (compose runs it under a profile)"}
-PENDING_OPTIONS = {("worker", "--metrics-port"): "issue 7 point 1, being added with the metrics"}
 
 #: Placeholders for the environment the example configurations read.
 FAKE_ENV = {
@@ -672,7 +669,10 @@ def test_compose_file_structure() -> None:
     assert worker["command"][worker["command"].index("--metrics-port") + 1] == "9191"
     assert worker["environment"]["SMARTPUSH_HEALTHCHECK_URL"] == "http://127.0.0.1:9191/metrics"
     assert services["serve"]["command"] == ["serve", "--host", "0.0.0.0", "--port", "8080"]
-    assert services["scheduler"]["command"] == ["scheduler"]
+    scheduler = services["scheduler"]
+    assert scheduler["command"][0] == "scheduler"
+    assert "profiles" not in scheduler, "`docker compose up` starts the scheduler"
+    assert duration_s(scheduler["stop_grace_period"]) >= 60, "a launch in progress finishes at SIGTERM"
 
     for name, service in smartpush_services(compose).items():
         env = service["environment"]
@@ -824,6 +824,34 @@ def test_example_configs_load_and_validate_the_example_campaign(
     assert not re.search(r"^\s*sms-main:", text, re.M), "real accounts stay commented out in the example"
 
 
+# --- the scheduler ---------------------------------------------------------------------------------
+
+
+def duration_s(value: str | int) -> float:
+    """A duration as compose, systemd and Kubernetes write them: `120`, `120s`, `2m`."""
+    from smartpush.units import parse_duration
+
+    text = str(value)
+    return float(text) if text.isdigit() else parse_duration(text).total_seconds()
+
+
+def scheduler_commands() -> dict[str, list[str]]:
+    return {where: argv for where, argv in deployed_commands() if argv[:1] == ["scheduler"]}
+
+
+def test_scheduler_renews_its_lock_well_before_it_expires() -> None:
+    """The active scheduler renews its Redis lock once a pass: passes must come well within the lock's
+    expiry, or the lock lapses between two renewals and the standby (or nobody) takes over."""
+    from smartpush.scheduler import DEFAULT_LOCK_TTL
+
+    (tick,) = [p for p in smartpush_cli().commands["scheduler"].params if p.name == "tick"]
+    found = scheduler_commands()
+    assert {where.split()[0] for where in found} == {"compose", "kubernetes", "systemd"}
+    for where, argv in found.items():
+        every = argv[argv.index("--tick") + 1] if "--tick" in argv else str(tick.default)
+        assert duration_s(every) <= DEFAULT_LOCK_TTL.total_seconds() / 2, where
+
+
 # --- Kubernetes ------------------------------------------------------------------------------------
 
 
@@ -847,6 +875,13 @@ def pod_specs() -> dict[str, dict[str, Any]]:
     return specs
 
 
+def kustomization_resources() -> list[str]:
+    (kustomization,) = [d for d in k8s_documents() if d["kind"] == "Kustomization"]
+    resources = kustomization["resources"]
+    assert isinstance(resources, list)
+    return resources
+
+
 def test_kubernetes_manifests_load() -> None:
     documents = k8s_documents()
     kinds = {d["kind"] for d in documents}
@@ -855,10 +890,11 @@ def test_kubernetes_manifests_load() -> None:
         assert document.get("apiVersion") and document.get("kind"), document["__file__"]
         if document["kind"] != "Kustomization":
             assert document.get("metadata", {}).get("name"), document["__file__"]
-    (kustomization,) = [d for d in documents if d["kind"] == "Kustomization"]
-    for resource in kustomization["resources"]:
+    for resource in kustomization_resources():
         assert (K8S / resource).is_file(), resource
-    assert "secret.example.yaml" not in kustomization["resources"]
+    assert "secret.example.yaml" not in kustomization_resources()
+    applied = {d["__file__"] for d in documents} - {"kustomization.yaml", "secret.example.yaml"}
+    assert applied <= set(kustomization_resources()), "every manifest is applied by `kubectl apply -k`"
 
 
 def test_kubernetes_manifests_match_the_schema() -> None:
@@ -904,6 +940,21 @@ def test_kubernetes_workloads() -> None:
     assert service["spec"]["selector"].items() <= serve_labels.items()
     assert service["spec"]["ports"][0]["targetPort"] in ("http", 8080)
 
+    scheduler = documents[("Deployment", "smartpush-scheduler")]
+    assert scheduler["__file__"] in kustomization_resources()
+    assert scheduler["spec"]["replicas"] >= 2, "one active, one hot standby (the Redis lock)"
+    pod = specs["smartpush-scheduler"]
+    assert pod["terminationGracePeriodSeconds"] >= 60, "a launch in progress finishes at SIGTERM"
+    (container,) = pod["containers"]
+    assert container["args"][0] == "scheduler"
+    assert "ports" not in container, "the scheduler serves nothing"
+    probes = [container[p] for p in ("livenessProbe", "readinessProbe", "startupProbe") if p in container]
+    assert not any({"httpGet", "tcpSocket", "grpc"} & set(probe) for probe in probes), "no port to probe"
+    budget = documents[("PodDisruptionBudget", "smartpush-scheduler")]
+    labels = scheduler["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert budget["spec"]["minAvailable"] == 1
+
     cronjobs = [d for d in k8s_documents() if d["kind"] == "CronJob"]
     assert cronjobs
     for cronjob in cronjobs:
@@ -948,7 +999,8 @@ HARDENING = {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome":
 
 def test_systemd_units_parse_and_are_hardened() -> None:
     units = {p.name: parse_unit(p) for p in unit_files()}
-    assert {"smartpush-worker@.service", "smartpush-serve.service"} <= set(units)
+    long_running = {"smartpush-worker@.service", "smartpush-serve.service", "smartpush-scheduler.service"}
+    assert long_running <= set(units)
     timers = [name for name in units if name.endswith(".timer")]
     assert timers
     for name, unit in units.items():
@@ -964,6 +1016,12 @@ def test_systemd_units_parse_and_are_hardened() -> None:
     assert "--metrics-port %i" in worker["ExecStart"]
     assert worker["RuntimeDirectory"].startswith("smartpush-worker-%i")
     assert "ReadWritePaths" in worker
+    scheduler = units["smartpush-scheduler.service"]
+    assert shlex.split(scheduler["Service"]["ExecStart"])[1] == "scheduler"
+    assert scheduler["Service"]["Type"] == "simple" and scheduler["Service"]["Restart"] == "on-failure"
+    assert scheduler["Service"]["KillSignal"] == "SIGTERM"
+    assert duration_s(scheduler["Service"]["TimeoutStopSec"]) >= 60, "a launch in progress finishes"
+    assert scheduler["Install"]["WantedBy"] == "multi-user.target"
     for timer_name in timers:
         timer = units[timer_name]["Timer"]
         assert timer["Persistent"] == "true" and timer["OnCalendar"]
@@ -993,6 +1051,78 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     )
 
 
+# --- cron ----------------------------------------------------------------------------------------
+
+
+class CronJob:
+    """One job line of a system crontab (/etc/cron.d): five time fields, the user, the command."""
+
+    def __init__(self, line: str) -> None:
+        fields = line.split(None, 6)
+        assert len(fields) == 7, f"a system crontab line has 5 time fields, a user and a command: {line}"
+        self.when, self.user, self.command = " ".join(fields[:5]), fields[5], fields[6]
+
+
+def crontab_environment() -> dict[str, str]:
+    lines = [line.strip() for line in CRONTAB.read_text().splitlines()]
+    pairs = (line.split("=", 1) for line in lines if re.fullmatch(r"[A-Z_]+\s*=.*", line))
+    return {name.strip(): value.strip() for name, value in pairs}
+
+
+def crontab_jobs() -> list[CronJob]:
+    lines = [line.strip() for line in CRONTAB.read_text().splitlines()]
+    return [
+        CronJob(line)
+        for line in lines
+        if line and not line.startswith("#") and not re.fullmatch(r"[A-Z_]+\s*=.*", line)
+    ]
+
+
+def smartpush_argv(command: str) -> list[str]:
+    """The arguments of the smartpush program in a shell command line, up to its redirections."""
+    words = shlex.split(command)
+    assert "/opt/smartpush/bin/smartpush" in words, command
+    argv = words[words.index("/opt/smartpush/bin/smartpush") + 1 :]
+    end = next((i for i, word in enumerate(argv) if re.match(r"\d*[<>|&;]", word)), len(argv))
+    return argv[:end]
+
+
+def test_smartpush_argv_stops_at_the_shell() -> None:
+    command = "cd /srv && exec /opt/smartpush/bin/smartpush send c.yaml --yes >> /var/log/x 2>&1"
+    assert smartpush_argv(command) == ["send", "c.yaml", "--yes"]
+    assert smartpush_argv("/opt/smartpush/bin/smartpush runs && true") == ["runs"]
+
+
+def test_crontab_launches_campaigns_by_slot_key() -> None:
+    from croniter import croniter
+
+    jobs = crontab_jobs()
+    assert jobs
+    env = crontab_environment()
+    assert env["CRON_TZ"] == "Europe/Paris"
+    assert env["SHELL"] == "/bin/sh"
+    (cronjob,) = [d for d in k8s_documents() if d["kind"] == "CronJob"]
+    cronjob_campaign = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][1]
+    for job in jobs:
+        assert croniter.is_valid(job.when), job.when
+        assert job.user == "smartpush", "runs as the smartpush user, never root"
+        assert "%" not in job.command.replace("\\%", ""), "cron turns an unescaped % into a newline"
+        argv = smartpush_argv(job.command)
+        assert argv[0] == "send" and argv[1].startswith("campaigns/"), argv
+        assert argv[argv.index("--key") + 1] == "auto"
+        assert {"--yes", "--json"} <= set(argv)
+        assert "cd /srv/smartpush" in job.command  # campaign paths are relative to the project
+        assert ". /etc/smartpush/smartpush.env" in job.command  # cron does not read EnvironmentFile
+        assert re.search(r">> ?/var/log/smartpush/\S+ 2>&1$", job.command), "stdout and stderr kept"
+        result = subprocess.run(["sh", "-n", "-c", job.command], capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
+        # The same campaign as the CronJob example, at the same times in the same zone.
+        if argv[1] == cronjob_campaign:
+            assert env["CRON_TZ"] == cronjob["spec"]["timeZone"]
+            a, b = croniter(job.when, 0), croniter(cronjob["spec"]["schedule"], 0)
+            assert [a.get_next(float) for _ in range(20)] == [b.get_next(float) for _ in range(20)]
+
+
 # --- commands the deployment runs ------------------------------------------------------------------
 
 
@@ -1010,12 +1140,20 @@ def deployed_commands() -> list[tuple[str, list[str]]]:
             argv = shlex.split(parse_unit(path)["Service"]["ExecStart"])
             assert argv[0] == "/opt/smartpush/bin/smartpush", path.name
             found.append((f"systemd {path.name}", argv[1:]))
+    for job in crontab_jobs():
+        found.append((f"cron {job.when}", smartpush_argv(job.command)))
     return found
 
 
-def command_problems(argv: list[str]) -> list[str]:
+def smartpush_cli() -> click.Group:
     from smartpush.cli.main import cli
 
+    assert isinstance(cli, click.Group)
+    return cli
+
+
+def command_problems(argv: list[str]) -> list[str]:
+    cli = smartpush_cli()
     global_options = {"--config": True, "--json": False, "--help": False, "-h": False, "--version": False}
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
@@ -1025,22 +1163,22 @@ def command_problems(argv: list[str]) -> list[str]:
     if i == len(argv):
         return [] if argv else ["no command"]
     name, rest = argv[i], argv[i + 1 :]
-    assert isinstance(cli, click.Group)
     if name not in cli.commands:
-        return [] if name in PENDING_COMMANDS else [f"smartpush has no command {name!r}"]
+        return [f"smartpush has no command {name!r}"]
     command = cli.commands[name]
     options = {opt for param in command.params for opt in param.opts + param.secondary_opts}
     options |= {"--help", "-h"}
     return [
         f"smartpush {name} has no option {token}"
         for token in (t.split("=", 1)[0] for t in rest)
-        if token.startswith("-") and token not in options and (name, token) not in PENDING_OPTIONS
+        if token.startswith("-") and token not in options
     ]
 
 
 def test_deployment_runs_real_smartpush_commands() -> None:
     commands = deployed_commands()
     assert {"worker", "serve", "send", "scheduler"} <= {argv[0] for _, argv in commands if argv}
+    assert {where.split()[0] for where, _ in commands} == {"compose", "kubernetes", "systemd", "cron"}
     for where, argv in commands:
         assert command_problems(argv) == [], (where, argv)
     assert command_problems(["sned", "x.yaml"]) == ["smartpush has no command 'sned'"]
