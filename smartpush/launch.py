@@ -167,7 +167,9 @@ def _split(
         else None
     )
     reach = _Reach.of(rt, prepared, run)
-    writer = _Writer(rt, run.id, size, queued, enqueue, screen, campaign=run.campaign, reach=reach)
+    writer = _Writer(
+        rt, run.id, size, queued, enqueue, screen, campaign=run.campaign, reach=reach, fresh=result.created
+    )
 
     def flush() -> None:
         writer.put(list(recipients), list(messages), last_line, index)
@@ -415,10 +417,12 @@ class _Writer:
         *,
         campaign: str = "",
         reach: _Reach | None = None,
+        fresh: bool = False,
     ) -> None:
         self.ledger = rt.ledger
         self.screen = screen
         self.reach = reach
+        self.fresh = fresh  # a new run's first split: nothing of it is stored yet
         self.reached_recently = 0
         self.capped = 0
         self.campaign = campaign  # the label of the messages it stores (smartpush_messages_total)
@@ -463,7 +467,7 @@ class _Writer:
                         self.capped += capped
                     if self.screen is not None:  # here, so the lookups overlap the reading of rows
                         self.suppressed += self.screen.apply(messages)
-                    self.ledger.add_batch(self.run_id, recipients, messages)
+                    self.ledger.add_batch(self.run_id, recipients, messages, fresh=self.fresh)
                     count_launched(self.campaign, messages)
                 self.ledger.update_split(
                     self.run_id, split_line=last_line, segments=-(-index // self.size), recipients=index

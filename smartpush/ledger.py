@@ -42,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row, RowMapping
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, StatementError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, StatementError
 
 from .errors import InfrastructureError, RunNotFound
 from .ledger_schema import WRITE, UTCDateTime, make_engine, upgrade
@@ -452,13 +452,22 @@ class Ledger:
 
     # Split ---------------------------------------------------------------------------------------
     def add_batch(
-        self, run_id: str, recipients: Sequence[NewRecipient], messages: Sequence[NewMessage]
+        self,
+        run_id: str,
+        recipients: Sequence[NewRecipient],
+        messages: Sequence[NewMessage],
+        *,
+        fresh: bool = False,
     ) -> None:
         """Insert recipients and their messages in one transaction; rows already there are left alone.
 
         A message is new unless its id or its (recipient, channel) is already stored, so re-running an
         interrupted split with fresh message ids keeps the first ones. A message created in a final
         status (``invalid``, ``skipped``, ``suppressed``) gets ``final_at`` now.
+
+        ``fresh``: the caller knows none of these rows can be stored yet (the first split of a new
+        run): PostgreSQL then copies them straight into the tables, without the staging table and the
+        conflict check. Should a row be there after all, the batch is written again the careful way.
         """
         stamp = self._stamp(datetime.now(UTC))
         strays = {m.recipient_id for m in messages}.difference(r.recipient_id for r in recipients)
@@ -487,6 +496,14 @@ class Ledger:
             )
             for m in messages
         ]
+        if fresh and self._postgresql:
+            try:
+                with self._tx() as conn:
+                    self._copy_direct(conn, recipients_t, _RECIPIENT_KEYS, recipient_rows)
+                    self._copy_direct(conn, messages_t, _MESSAGE_KEYS, message_rows)
+                return
+            except IntegrityError:
+                _log.warning("split batch of run %s partly stored already: written again", run_id)
         with self._tx() as conn:
             self._insert_many(conn, recipients_t, _RECIPIENT_KEYS, recipient_rows)
             self._insert_many(conn, messages_t, _MESSAGE_KEYS, message_rows)
@@ -518,6 +535,22 @@ class Ledger:
         if order != list(range(len(keys))):  # SQLAlchemy put the columns in another order than ``keys``
             rows = [tuple(row[i] for i in order) for row in rows]
         conn.exec_driver_sql(statement, rows)
+
+    def _copy_direct(
+        self, conn: Connection, table: Table, keys: tuple[str, ...], rows: list[tuple[Any, ...]]
+    ) -> None:
+        """PostgreSQL: COPY ``rows`` straight into ``table`` (a duplicate raises IntegrityError)."""
+        if not rows:
+            return
+        statement = f"COPY {table.name} ({', '.join(keys)}) FROM STDIN"
+        driver: Any = conn.connection.driver_connection
+        dbapi_error: Any = self._engine.dialect.loaded_dbapi.Error
+        try:
+            with driver.cursor() as cursor, cursor.copy(statement) as copy:
+                for row in rows:
+                    copy.write_row(row)
+        except dbapi_error as exc:
+            raise DBAPIError.instance(statement, None, exc, dbapi_error) from exc
 
     def _copy_insert(
         self, conn: Connection, table: Table, keys: tuple[str, ...], rows: list[tuple[Any, ...]]

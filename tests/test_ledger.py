@@ -457,6 +457,22 @@ def test_add_batch_twice_inserts_once(ledger: Ledger) -> None:
     assert sorted(by_id(ledger, run)) == sorted(m.id for m in first)
 
 
+def test_a_fresh_batch_found_stored_already_is_written_again_safely(ledger: Ledger) -> None:
+    """`fresh` copies straight into the tables (PostgreSQL); a row there already falls back to the
+    conflict-checked insert instead of failing the launch, and nothing is stored twice."""
+    run = make_run(ledger)
+    recipients = [NewRecipient(f"r{i}", 0, i + 2, {"n": i}) for i in range(5)]
+    first = [
+        NewMessage(new_id(), r.recipient_id, 0, "sms", 0, "sms-main", Status.CREATED) for r in recipients
+    ]
+    ledger.add_batch(run.id, recipients[:2], first[:2], fresh=True)
+    ledger.add_batch(run.id, recipients, first, fresh=True)  # 2 of them are there already
+    again = [NewMessage(new_id(), m.recipient_id, 0, "sms", 0, "sms-main", Status.CREATED) for m in first]
+    ledger.add_batch(run.id, recipients, again, fresh=True)
+    assert sorted(by_id(ledger, run)) == sorted(m.id for m in first)
+    assert sum(ledger.counts(run.id).values()) == 5
+
+
 def test_add_batch_keeps_what_the_split_decided(ledger: Ledger) -> None:
     run = make_run(ledger)
     recipients = [NewRecipient("r1", 0, 2, {"prenom": "Zoé", "tags": ["a", "b"], "n": 1.5, "none": None})]
