@@ -59,24 +59,25 @@ def scheduler(
         with _sending(config, threads) as (engine, embedded):
             sched = Scheduler(engine.rt, folders, enqueue=engine.enqueue, lock=lock_for(config, lock_ttl))
             try:
-                if once:
-                    done = _pass(sched, engine, embedded)
-                    if embedded:
-                        _wait_for(engine, done)
-                    _print(state, sched, done)
-                    if sched.broken:  # a cron job running `--once` must notice a campaign it skipped
-                        raise SystemExit(EXIT_INVALID)
-                    return
-                while not stop.is_set():
-                    try:
-                        _pass(sched, engine, embedded)
-                    except Exception:  # a database or broker hiccup must not stop the scheduler
-                        logger.exception(
-                            "scheduler pass failed; trying again in %s",
-                            format_duration(tick),
-                            extra={"outcome": "error"},
-                        )
-                    stop.wait(tick.total_seconds())
+                with sched.kept():
+                    if once:
+                        done = _pass(sched, engine, embedded)
+                        if embedded:
+                            _wait_for(engine, done)
+                        _print(state, sched, done)
+                        if sched.broken:  # a cron job running `--once` must notice a campaign it skipped
+                            raise SystemExit(EXIT_INVALID)
+                        return
+                    while not stop.is_set():
+                        try:
+                            _pass(sched, engine, embedded)
+                        except Exception:  # a database or broker hiccup must not stop the scheduler
+                            logger.exception(
+                                "scheduler pass failed; trying again in %s",
+                                format_duration(tick),
+                                extra={"outcome": "error"},
+                            )
+                        stop.wait(tick.total_seconds())
             finally:
                 sched.release()
                 _close(sched)

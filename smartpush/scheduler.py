@@ -240,14 +240,17 @@ class Scheduler:
             self.active = False
 
     @contextmanager
-    def kept(self, every: float) -> Iterator[None]:
-        """Renew the lock in the background while a long launch (a large split) runs."""
+    def kept(self) -> Iterator[None]:
+        """Renew the lock in the background every third of its expiry while this runs: between two
+        passes (the tick may be as long as the expiry) and during a long launch (a large split)."""
         stop = threading.Event()
+        every = max(0.05, _lock_ttl_s(self.lock) / 3)
 
         def keep() -> None:
             while not stop.wait(every):
-                with suppress(Exception):
-                    self.lock.renew()
+                if self.active:
+                    with suppress(Exception):
+                        self.lock.renew()
 
         thread = threading.Thread(target=keep, name="smartpush-scheduler-lock", daemon=True)
         thread.start()
@@ -339,9 +342,7 @@ class Scheduler:
 
     def _launch(self, prepared: PreparedCampaign, slot: datetime, key: str) -> SlotOutcome:
         name = prepared.campaign.name
-        renew_every = max(0.05, _lock_ttl_s(self.lock) / 3)
-        with self.kept(renew_every):
-            result = launch(self.rt, prepared, enqueue=self.enqueue, key=key)
+        result = launch(self.rt, prepared, enqueue=self.enqueue, key=key)
         run = result.run
         stored = self.ledger.record_occurrence(
             OccurrenceRecord(

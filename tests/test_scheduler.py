@@ -236,8 +236,27 @@ def test_a_standby_scheduler_takes_over_when_the_active_one_dies(tmp_path: Path,
                     lock.close()
 
 
-def only(hosts_: list[Host]) -> Scheduler:
-    return hosts_[0].scheduler
+@needs_services(REDIS_DB)
+def test_the_active_scheduler_keeps_its_lock_between_passes_longer_than_its_expiry(tmp_path: Path) -> None:
+    """A tick as long as the lock's expiry must not hand the lock to a standby at every pass."""
+    clock = Clock(utc(2026, 12, 1, 8, 0))
+    write_project(tmp_path / "p", 'cron: "0 9 * * *"')
+    with flushed_redis(REDIS_DB) as url:
+        locks = [RedisLock(url, timedelta(milliseconds=300)), RedisLock(url, timedelta(milliseconds=300))]
+        first, second = Host(tmp_path / "p", locks[0], clock), Host(tmp_path / "p", locks[1], clock)
+        try:
+            with first.scheduler.kept():
+                assert [o.outcome for o in first.scheduler.tick()] == ["launched"]
+                for _ in range(3):
+                    time.sleep(0.5)  # longer than the expiry, as a 30 s tick is against a 30 s lock
+                    assert second.scheduler.tick() == [] and not second.scheduler.active
+                    first.scheduler.tick()
+                    assert first.scheduler.active
+        finally:
+            first.close()
+            second.close()
+            for lock in locks:
+                lock.close()
 
 
 def test_down_across_a_slot_catches_up_once_inside_catch_up(tmp_path: Path) -> None:
