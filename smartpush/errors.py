@@ -23,6 +23,7 @@ the fix.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -44,7 +45,29 @@ __all__ = [
     "ThrottledError",
     "TransientError",
     "outcome_error",
+    "redact_code",
 ]
+
+#: An error code is short: a longer value is not a code (a provider echoing a token, say).
+MAX_CODE = 40
+#: What an error "code" that looks like an address, a number or a token is stored and shown as.
+REDACTED = "<redacted>"
+_CODE = re.compile(r"[A-Za-z0-9 _.:/\-]+")
+_DIGIT_RUN = re.compile(r"\d{7,}")
+
+
+def redact_code(code: str | None) -> str | None:
+    """``code`` as it is, or :data:`REDACTED` when it looks like anything but an error code.
+
+    Codes are words and numbers (``429``, ``550 5.1.1``, ``UNREGISTERED``, ``21610``); a value with
+    an ``@``, seven digits in a row or more than :data:`MAX_CODE` characters is an address or a token
+    that a provider echoed back, and must not reach the ledger, a report or a log.
+    """
+    if code is None:
+        return None
+    if len(code) > MAX_CODE or not _CODE.fullmatch(code) or _DIGIT_RUN.search(code.replace(" ", "")):
+        return REDACTED
+    return code
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,13 +166,15 @@ class ProviderError(SmartpushError):
     """A provider did not accept one message. Retry is decided by the subclass alone.
 
     ``code`` is the provider's own error code or HTTP status (for reports), ``detail`` a short text
-    for a person; neither may contain the recipient's address or the message body.
+    for a person; neither may contain the recipient's address or the message body. A code that looks
+    like an address or a token (a provider echoing the number as its "code") is kept as ``<redacted>``.
     """
 
     #: The ledger status a message ends in when this error is final for it.
     status = "technical-failure"
 
     def __init__(self, detail: str, *, code: str | None = None, retry_after_s: float | None = None) -> None:
+        code = redact_code(code)
         self.detail = detail
         self.code = code
         self.retry_after_s = retry_after_s

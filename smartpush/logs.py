@@ -40,7 +40,7 @@ from pathlib import PurePath
 from types import TracebackType
 from typing import TextIO
 
-from .errors import ConfigError
+from .errors import ConfigError, redact_code
 
 __all__ = [
     "ENV_FORMAT",
@@ -63,8 +63,6 @@ INFO_LIBRARIES = ("dramatiq", "uvicorn")
 MAX_EXCEPTION_MESSAGE = 300
 #: Frames of a traceback kept, innermost last.
 MAX_FRAMES = 30
-#: An error code is short: longer values are not codes (a provider echoing a token, say).
-MAX_CODE = 40
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -86,8 +84,6 @@ _CODE_FIELDS = frozenset({"code", "error_code"})
 _EMAIL = re.compile(r"[^\s@<>()\[\]'\",;:]+@[^\s@<>()\[\]'\",;:]+")
 _PHONE = re.compile(r"(?<![\w+])\+?\(?\d(?:[ ()\-]?\d){6,}(?!\w)")
 _TOKEN = re.compile(r"[A-Za-z0-9_\-:.%+=]{40,}")
-_CODE = re.compile(r"[A-Za-z0-9 _.:/\-]+")
-_DIGIT_RUN = re.compile(r"\d{7,}")
 
 
 def scrub(text: str) -> str:
@@ -104,15 +100,12 @@ def scrub(text: str) -> str:
 def safe_code(value: object) -> object:
     """An error code as it is, or ``<redacted>`` when it looks like anything but a code.
 
-    Codes are words and numbers (``429``, ``550 5.1.1``, ``UNREGISTERED``, ``21610``); a value with
-    an ``@``, seven digits in a row or more than :data:`MAX_CODE` characters is an address or a token.
+    The rule is :func:`smartpush.errors.redact_code`'s: provider errors already carry redacted codes,
+    this catches the codes other fields bring.
     """
     if value is None or isinstance(value, bool | int):
         return value
-    text = str(value)
-    if len(text) > MAX_CODE or not _CODE.fullmatch(text) or _DIGIT_RUN.search(text.replace(" ", "")):
-        return "<redacted>"
-    return text
+    return redact_code(str(value))
 
 
 def _plain(value: object) -> object:
