@@ -4,7 +4,8 @@
 
 Columns: numero_assure;prenom;nom;age;phone;email;push_token;date_limite. Phones come in the usual
 French spellings (06 12 34 56 78, +33 6..., 07.xx...), some rows lack a phone, an email or a token,
-and ``--invalid`` is the share of rows with a malformed phone or email.
+and ``--invalid`` is the share of rows with a malformed phone or email. ``--complete`` gives every row
+a phone, an email and a token (the single-channel scenarios of ``python -m bench``).
 """
 
 from __future__ import annotations
@@ -82,13 +83,18 @@ def phone(rng: random.Random) -> str:
     return "0" + ".".join([digits[0:1] + digits[1:2]] + [digits[i : i + 2] for i in range(2, 9, 2)])
 
 
-def row(i: int, rng: random.Random, invalid: float) -> dict[str, str]:
+COLUMNS = ["numero_assure", "prenom", "nom", "age", "phone", "email", "push_token", "date_limite"]
+
+
+def row(i: int, rng: random.Random, invalid: float, complete: bool = False) -> dict[str, str]:
     first, last = rng.choice(FIRST), rng.choice(LAST)
     has = rng.random()
-    tel = phone(rng) if has < 0.85 else ""
-    mail = f"{first.lower()}.{last.lower()}{i}@{rng.choice(DOMAINS)}" if rng.random() < 0.7 else ""
+    tel = phone(rng) if complete or has < 0.85 else ""
+    mail = (
+        f"{first.lower()}.{last.lower()}{i}@{rng.choice(DOMAINS)}" if complete or rng.random() < 0.7 else ""
+    )
     mail = unicodedata.normalize("NFKD", mail).encode("ascii", "ignore").decode() if mail else ""
-    token = f"fcm:{rng.getrandbits(128):032x}" if rng.random() < 0.3 else ""
+    token = f"fcm:{rng.getrandbits(128):032x}" if complete or rng.random() < 0.3 else ""
     if rng.random() < invalid:
         if rng.random() < 0.5:
             tel = "06 12 34"
@@ -107,24 +113,36 @@ def row(i: int, rng: random.Random, invalid: float) -> dict[str, str]:
     }
 
 
+def write_audience(
+    path: Path, rows: int, seed: int = 1, invalid: float = 0.0, complete: bool = False
+) -> dict[str, int]:
+    """Write the audience; returns how many rows have a phone, an email, a token, and at least one."""
+    rng = random.Random(seed)
+    counts = {"phone": 0, "email": 0, "push_token": 0, "reachable": 0}
+    with path.open("w", encoding="utf-8", newline="") as f:
+        if path.suffix != ".jsonl":
+            f.write(";".join(COLUMNS) + "\n")
+        for i in range(rows):
+            r = row(i, rng, invalid, complete)
+            for key in ("phone", "email", "push_token"):
+                counts[key] += bool(r[key])
+            counts["reachable"] += bool(r["phone"] or r["email"] or r["push_token"])
+            if path.suffix == ".jsonl":
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            else:
+                f.write(";".join(r[c] for c in COLUMNS) + "\n")
+    return counts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("rows", type=int)
     ap.add_argument("path", type=Path)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--invalid", type=float, default=0.0)
+    ap.add_argument("--complete", action="store_true", help="every row has a phone, an email and a token")
     args = ap.parse_args()
-    rng = random.Random(args.seed)
-    columns = ["numero_assure", "prenom", "nom", "age", "phone", "email", "push_token", "date_limite"]
-    with args.path.open("w", encoding="utf-8", newline="") as f:
-        if args.path.suffix == ".jsonl":
-            for i in range(args.rows):
-                f.write(json.dumps(row(i, rng, args.invalid), ensure_ascii=False) + "\n")
-        else:
-            f.write(";".join(columns) + "\n")
-            for i in range(args.rows):
-                r = row(i, rng, args.invalid)
-                f.write(";".join(r[c] for c in columns) + "\n")
+    write_audience(args.path, args.rows, args.seed, args.invalid, args.complete)
     sys.stderr.write(f"wrote {args.rows:,} rows to {args.path}\n")
 
 

@@ -65,6 +65,25 @@ print(ok, bad)
 """
 
 
+def make_project(project: Path, rows: int) -> tuple[Path, Path, Path]:
+    """`smartpush init` into ``project`` with an audience of ``rows`` (0.1 % invalid): the example
+    campaign, the same campaign without ``where`` (every row), and the audience file."""
+    subprocess.run([BIN / "smartpush", "init", project], check=True, stdout=subprocess.DEVNULL)
+    audience = project / "data" / "assures.csv"
+    try:
+        from bench.gen_audience import write_audience
+    except ImportError:  # run as a script: bench/ is on sys.path
+        from gen_audience import write_audience  # type: ignore[no-redef]
+
+    write_audience(audience, rows, invalid=0.001)
+    campaign = project / "campaigns" / "rappel-vaccination-grippe.yaml"
+    everyone = campaign.with_name("everyone.yaml")
+    everyone.write_text(
+        campaign.read_text(encoding="utf-8").replace("  where:", "  # where:"), encoding="utf-8"
+    )
+    return campaign, everyone, audience
+
+
 def measure(cmd: list[str], cwd: Path) -> tuple[float, int, int]:
     """Wall seconds, peak RSS in MiB and exit code of one child process."""
     start = time.perf_counter()
@@ -82,17 +101,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp) / "p"
-        subprocess.run([BIN / "smartpush", "init", project], check=True, stdout=subprocess.DEVNULL)
-        audience = project / "data" / "assures.csv"
-        subprocess.run(
-            [sys.executable, HERE / "gen_audience.py", str(args.rows), audience, "--invalid", "0.001"],
-            check=True,
-        )
-        campaign = project / "campaigns" / "rappel-vaccination-grippe.yaml"
-        everyone = campaign.with_name("everyone.yaml")
-        everyone.write_text(
-            campaign.read_text(encoding="utf-8").replace("  where:", "  # where:"), encoding="utf-8"
-        )
+        campaign, everyone, audience = make_project(project, args.rows)
 
         runs = {
             "smartpush plan (where: age >= 65)": [str(BIN / "smartpush"), "plan", str(campaign), "--json"],

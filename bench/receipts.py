@@ -297,6 +297,7 @@ class Outcome:
     p50_ms: float
     p99_ms: float
     serve_cpu_s: float
+    serve_peak_rss_mib: float
     statuses: dict[str, int]
     ledger: dict[str, int]
     all_applied: bool
@@ -312,8 +313,17 @@ def spawn(args: list[str]) -> subprocess.Popen[str]:
 
 
 def one_run(
-    provider: str, messages: int, seconds: float, concurrency: int, folder: Path, http: str, loop: str
+    provider: str,
+    messages: int,
+    seconds: float,
+    concurrency: int,
+    folder: Path,
+    http: str,
+    loop: str,
+    meter: Any = None,
 ) -> Outcome:
+    """``meter`` (a bench.harness.Meter, as ``python -m bench`` passes it) is started with the load and
+    stopped once serve is gone, on the run's database."""
     name = create_database()
     url = f"{PG}/{name}"
     try:
@@ -327,6 +337,9 @@ def one_run(
         port = int(port_text)
         stack = f"uvicorn {parser} + {loop_kind}"
         log(f"{provider}: serve ({stack}) listens on 127.0.0.1:{port}; load with {concurrency} in flight")
+        if meter is not None:
+            meter.db_name = name
+            meter.start()
         load = spawn(
             [
                 "--role",
@@ -348,6 +361,9 @@ def one_run(
         serve.send_signal(signal.SIGINT)
         _, status, usage = os.wait4(serve.pid, 0)
         serve.returncode = os.waitstatus_to_exitcode(status)
+        if meter is not None:
+            meter.stop()
+            meter.pg_after()
         counts = ledger_counts(url, run_id)
     finally:
         drop_database(name)
@@ -364,6 +380,7 @@ def one_run(
         p50_ms=result["p50_ms"] or 0.0,
         p99_ms=result["p99_ms"] or 0.0,
         serve_cpu_s=usage.ru_utime + usage.ru_stime,
+        serve_peak_rss_mib=usage.ru_maxrss / 1024,
         statuses={str(k): v for k, v in result["statuses"].items()}
         | {k: v for k, v in result["errors"].items()},
         ledger=counts,

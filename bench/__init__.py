@@ -1,0 +1,1 @@
+"""smartpush's benchmark harness: ``python -m bench --help``. See bench/RESULTS.md for recorded runs."""
