@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from smartpush.email import as_bytes, build_email
+from smartpush.email import email_bytes
 from smartpush.provider import (
     Channel,
     OutboundMessage,
@@ -45,7 +45,7 @@ class OutboxProvider(Provider):
     async def send(self, message: OutboundMessage) -> SendResult:
         folder = self.root / message.run_id / message.channel.value
         if message.channel is Channel.EMAIL:
-            path, payload = folder / f"{message.message_id}.eml", as_bytes(build_email(message))
+            path, payload = folder / f"{message.message_id}.eml", email_bytes(message)[0]
         else:
             record: dict[str, Any] = {"to": message.to, "body": message.body}
             if message.channel is Channel.PUSH:

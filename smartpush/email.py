@@ -11,13 +11,16 @@ folded only past 998 characters, so a ``List-Unsubscribe`` URL always stays one 
 
 from __future__ import annotations
 
+import binascii
+import secrets
+from email.header import Header
 from email.message import EmailMessage
 from email.policy import SMTP
-from email.utils import formatdate, parseaddr
+from email.utils import formataddr, formatdate, parseaddr
 
 from .provider import OutboundMessage
 
-__all__ = ["as_bytes", "build_email", "message_id_header", "sender_domain"]
+__all__ = ["as_bytes", "build_email", "email_bytes", "message_id_header", "sender_domain"]
 
 #: Bodies are encoded with the usual 78-character lines and never as raw 8-bit: a relay without
 #: 8BITMIME would re-encode them, which breaks the DKIM body hash.
@@ -66,3 +69,84 @@ def build_email(message: OutboundMessage, *, domain: str | None = None) -> Email
 def as_bytes(msg: EmailMessage) -> bytes:
     """The exact bytes an SMTP server receives for ``msg`` (CRLF line ends, 998-character header lines)."""
     return msg.as_bytes(policy=_WIRE_POLICY)
+
+
+# The fast builder ------------------------------------------------------------------------------------
+# build_email + as_bytes cost about 1.5 ms of CPU per text + HTML message (the stdlib's generic MIME
+# machinery), more than sending it: 680 emails/s per core at best. email_bytes writes the same message
+# directly (headers as text, bodies quoted-printable by binascii, in C): the same headers and bodies once
+# parsed (tests/test_email.py checks it against build_email on random input), about 20 times cheaper.
+
+#: Longest line RFC 5322 allows, CRLF excluded.
+_MAX_LINE = 998
+
+
+def email_bytes(message: OutboundMessage, *, domain: str | None = None) -> tuple[bytes, str]:
+    """The wire form of ``message`` (as :func:`as_bytes` of :func:`build_email`) and its Message-ID.
+
+    A header value with a line break raises :class:`ValueError` (header injection). Values with control
+    characters and addresses that are not ASCII (SMTPUTF8) go through the stdlib builder.
+    """
+    sender, to = message.sender or "", message.to
+    values = (sender, to, message.subject or "", *message.headers.values())
+    if not all(v.isprintable() for v in values) or not (_ascii_address(sender) and _ascii_address(to)):
+        # Control characters, tabs, line breaks (refused there), addresses that are not ASCII: rare
+        # values that the stdlib's rules decide.
+        msg = build_email(message, domain=domain)
+        return as_bytes(msg), str(msg["Message-ID"])
+    message_id = message_id_header(message, domain)
+    lines = [
+        _header("From", _address(sender)),
+        _header("To", _address(to)),
+        _header("Subject", message.subject or ""),
+        _header("Date", formatdate(localtime=False)),
+        _header("Message-ID", message_id),
+    ]
+    lines.extend(_header(name, value) for name, value in message.headers.items())
+    text = _part("plain", message.body or "")
+    if message.html:
+        boundary = f"===============smartpush{secrets.token_hex(10)}=="
+        lines.append(f'Content-Type: multipart/alternative; boundary="{boundary}"')
+        lines.append("MIME-Version: 1.0")
+        head = "\r\n".join(lines).encode("ascii")
+        mark = f"--{boundary}\r\n".encode("ascii")
+        html = _part("html", message.html)
+        end = f"--{boundary}--\r\n".encode("ascii")
+        return head + b"\r\n\r\n" + mark + text + b"\r\n" + mark + html + b"\r\n" + end, message_id
+    lines.append("MIME-Version: 1.0")
+    return "\r\n".join(lines).encode("ascii") + b"\r\n" + text, message_id
+
+
+def _ascii_address(value: str) -> bool:
+    return parseaddr(value)[1].isascii()
+
+
+def _address(value: str) -> str:
+    """``Name <addr>`` with a non-ASCII name in encoded words; ASCII values as given."""
+    if value.isascii():
+        return value
+    name, address = parseaddr(value)
+    return formataddr((name, address), charset="utf-8")
+
+
+def _header(name: str, value: str) -> str:
+    if value.isascii() and len(name) + 2 + len(value) <= _MAX_LINE:
+        return f"{name}: {value}"
+    encoded = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+    return f"{name}: {encoded}"
+
+
+def _part(subtype: str, content: str) -> bytes:
+    """A body part: its Content-Type and Content-Transfer-Encoding lines, a blank line, the body."""
+    content = content.replace("\r\n", "\n").replace("\r", "\n")
+    if not content.endswith("\n"):
+        content += "\n"
+    if content.isascii() and max(map(len, content.split("\n"))) <= 78:  # noqa: PLR2004 - RFC 5322's advice
+        body = content.replace("\n", "\r\n").encode("ascii")
+        cte = "7bit"
+    else:
+        body = binascii.b2a_qp(content.encode("utf-8"), istext=True).replace(b"\n", b"\r\n")
+        cte = "quoted-printable"
+    return (
+        f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n\r\n'
+    ).encode("ascii") + body

@@ -9,9 +9,11 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from smartpush.providers.outbox import OutboxOptions, OutboxProvider
 
-from smartpush.email import as_bytes, build_email, message_id_header, sender_domain
+from smartpush.email import as_bytes, build_email, email_bytes, message_id_header, sender_domain
 from smartpush.provider import Channel, OutboundMessage
 
 UNSUBSCRIBE = "<https://unsubscribe.mairie.example/u/" + "a1b2c3d4" * 12 + ">, <mailto:stop@mairie.example>"
@@ -123,3 +125,75 @@ def test_outbox_writes_the_same_eml(tmp_path: Path) -> None:
     assert parsed["Message-ID"] == "<m-0001@mairie.example>"
     assert parsed.get_content_type() == "multipart/alternative"
     assert f"List-Unsubscribe: {UNSUBSCRIBE}" in header_lines(written)
+
+
+# The fast builder (email_bytes) against the stdlib one -----------------------------------------------
+
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=400)
+
+
+def same_message(a: bytes, b: bytes) -> None:
+    """Parsed, ``a`` and ``b`` have the same headers (Date aside) and the same decoded bodies."""
+    pa, pb = parse(a), parse(b)
+    for name in (
+        "From",
+        "To",
+        "Subject",
+        "Message-ID",
+        "List-Unsubscribe",
+        "List-Unsubscribe-Post",
+        "Reply-To",
+    ):
+        assert pa[name] == pb[name], name
+    assert pa.get_content_type() == pb.get_content_type()
+    for kind in ("plain", "html"):
+        x, y = pa.get_body((kind,)), pb.get_body((kind,))
+        assert (x is None) == (y is None), kind
+        if x is not None and y is not None:
+            assert x.get_content().replace("\r\n", "\n") == y.get_content().replace("\r\n", "\n"), kind
+
+
+def wire_rules(raw: bytes) -> None:
+    raw.decode("ascii")  # 7-bit clean
+    assert b"\n" not in raw.replace(b"\r\n", b"") and b"\r" not in raw.replace(b"\r\n", b"")
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    subject=_text.filter(lambda s: "\r" not in s and "\n" not in s and len(s.splitlines()) <= 1),
+    body=_text,
+    html=st.none() | _text.filter(bool),
+    # Display names as people write them: letters (any script), digits, spaces, hyphens, apostrophes.
+    name=st.text(
+        st.characters(whitelist_categories=("L", "N", "Zs"), whitelist_characters="-'"), max_size=40
+    ),
+)
+def test_email_bytes_reads_back_as_the_stdlib_message(
+    subject: str, body: str, html: str | None, name: str
+) -> None:
+    m = message(
+        subject=subject,
+        body=body,
+        html=html,
+        sender=f"{name} <info@mairie.example>" if name.strip() else "info@mairie.example",
+    )
+    fast, message_id = email_bytes(m)
+    wire_rules(fast)
+    same_message(fast, as_bytes(build_email(m)))
+    assert message_id == "<m-0001@mairie.example>"
+
+
+def test_email_bytes_keeps_the_guarantees_of_the_stdlib_message() -> None:
+    raw, _ = email_bytes(message(html="<p>" + "x" * 3000 + "</p>"))
+    wire_rules(raw)
+    assert f"List-Unsubscribe: {UNSUBSCRIBE}" in header_lines(raw)  # one unencoded line
+    with pytest.raises(ValueError):
+        email_bytes(message(headers={"Reply-To": "a@example.org\r\nBcc: victim@example.org"}))
+    for brk in ("\n", "\r", "\x1e", "\u2028"):
+        with pytest.raises(ValueError):
+            email_bytes(message(subject=f"Bonjour{brk}Bcc: victim@example.org"))
+    # A non-ASCII address (SMTPUTF8) goes through the stdlib builder.
+    raw, _ = email_bytes(message(to="zoé@exemple.fr"))
+    assert parse(raw)["To"] == "zoé@exemple.fr"
+    assert email_bytes(message(), domain="relay.example")[1] == "<m-0001@relay.example>"
