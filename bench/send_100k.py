@@ -11,6 +11,9 @@ an HTTP sink (bench/sink.py) standing in for the SMS provider, and smartpush its
 - CPU seconds per 1,000 messages and peak RSS of the worker processes (wait4 rusage of the worker tree);
 - the baseline in the same run: a bare aiohttp loop posting the same number of JSON SMS to the same sink
   at the same concurrency, with no ledger and no broker (the ceiling of the HTTP client alone).
+
+Kept for the sections of bench/RESULTS.md it wrote; ``python -m bench --scenarios sms`` measures the
+same thing and more (its sink and baseline are shared with this script).
 """
 
 from __future__ import annotations
@@ -34,38 +37,10 @@ import psycopg
 import redis
 
 HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
-PG = "postgresql://postgres@127.0.0.1:5432"
-REDIS_DB = 10
+sys.path.insert(0, str(HERE.parent))  # run as a script: the bench package is beside this file
 
-
-def start_sink(delay_ms: float) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "sink.py"), "--delay-ms", str(delay_ms)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    return proc, int(proc.stdout.readline())
-
-
-async def bare_aiohttp(port: int, count: int, concurrency: int) -> float:
-    import aiohttp
-
-    url = f"http://127.0.0.1:{port}/sms"
-    sem = asyncio.Semaphore(concurrency)
-    started = time.perf_counter()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-
-        async def one(i: int) -> None:
-            async with (
-                sem,
-                session.post(url, json={"to": f"+3361{i:07d}", "body": "Alerte test.", "id": str(i)}) as r,
-            ):
-                await r.read()
-
-        await asyncio.gather(*(one(i) for i in range(count)))
-    return time.perf_counter() - started
+from bench.baselines import aiohttp_loop  # noqa: E402
+from bench.harness import BIN, PG, REDIS_DB, HttpSink  # noqa: E402
 
 
 def main() -> None:
@@ -81,7 +56,8 @@ def main() -> None:
     with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()
-    sink, port = start_sink(args.delay_ms)
+    sink = HttpSink(args.delay_ms)
+    port = sink.port
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
@@ -146,9 +122,9 @@ def main() -> None:
             cpu_s = usage.ru_utime + usage.ru_stime
             children = resource.getrusage(resource.RUSAGE_CHILDREN)
             del children
-        bare_s = asyncio.run(bare_aiohttp(port, args.rows, args.concurrency * 2))
+        bare_s, _ = asyncio.run(aiohttp_loop(f"{sink.url}/sms", args.rows, args.concurrency * 2, fcm=False))
     finally:
-        sink.terminate()
+        sink.close()
         with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
