@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         (
             "CPU redis+pg and Redis ops are server-wide (other users of those servers count); PG figures are "
-            "the bench database's only. Peer rows: ratio = smartpush's msg/s over the peer's."
+            "the bench database's only. Peer rows: CPU and RSS are the peer process's own, ratio = "
+            "smartpush's msg/s over the peer's; a peer's wall leaves out its Python start-up, smartpush's "
+            "includes `send`'s."
         ),
         TARGETS,
         *(note for r in rows for note in r.notes),
