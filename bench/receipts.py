@@ -358,7 +358,7 @@ def one_run(
         )
         out, _ = load.communicate(timeout=seconds + 120)
         result = json.loads(out.strip().splitlines()[-1])
-        serve.send_signal(signal.SIGINT)
+        serve.send_signal(signal.SIGTERM)  # as SIGINT, without the KeyboardInterrupt
         _, status, usage = os.wait4(serve.pid, 0)
         serve.returncode = os.waitstatus_to_exitcode(status)
         if meter is not None:
