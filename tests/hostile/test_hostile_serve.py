@@ -65,7 +65,25 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Iterator[Site]:
+def uvicorn_logging() -> Iterator[None]:
+    """Puts uvicorn's loggers back as they were: uvicorn.Config sets their levels, handlers and
+    propagation for the whole process, which later tests (tests/test_logs.py) would inherit."""
+    names = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+    saved = {
+        n: (lg.level, list(lg.handlers), lg.propagate, lg.disabled)
+        for n in names
+        if (lg := logging.getLogger(n))
+    }
+    yield
+    for name, (level, handlers, propagate, disabled) in saved.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+        logger.propagate, logger.disabled = propagate, disabled
+
+
+@pytest.fixture
+def site(tmp_path: Path, caplog: pytest.LogCaptureFixture, uvicorn_logging: None) -> Iterator[Site]:
     caplog.set_level(logging.DEBUG)
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     config = make_config(tmp_path, db)
