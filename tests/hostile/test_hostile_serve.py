@@ -69,11 +69,8 @@ def uvicorn_logging() -> Iterator[None]:
     """Puts uvicorn's loggers back as they were: uvicorn.Config sets their levels, handlers and
     propagation for the whole process, which later tests (tests/test_logs.py) would inherit."""
     names = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
-    saved = {
-        n: (lg.level, list(lg.handlers), lg.propagate, lg.disabled)
-        for n in names
-        if (lg := logging.getLogger(n))
-    }
+    loggers = {name: logging.getLogger(name) for name in names}
+    saved = {n: (lg.level, list(lg.handlers), lg.propagate, lg.disabled) for n, lg in loggers.items()}
     yield
     for name, (level, handlers, propagate, disabled) in saved.items():
         logger = logging.getLogger(name)
