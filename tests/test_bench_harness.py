@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.servers import needs_services
+from servers import needs_services
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,13 +15,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import smartpush_exe
+from servers import flushed_redis, needs_services, throwaway_database
 
 from smartpush.config import load_config
 from smartpush.ledger import Ledger
 from smartpush.runtime import Runtime
 from smartpush.scheduler import FileLock, Lock, RedisLock, Scheduler, SlotOutcome
-from tests.conftest import smartpush_exe
-from tests.servers import flushed_redis, needs_services, throwaway_database
 
 REDIS_DB = 8
 
