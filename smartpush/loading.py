@@ -101,18 +101,18 @@ def load_campaign(path: Path, config: Config) -> PreparedCampaign:
     project = config.project_dir
     templates = Templates(project, locale=config.settings.locale, timezone=config.settings.timezone)
 
-    audience = AudienceFile(
-        project / campaign.audience.source,
-        encoding=campaign.audience.encoding,
-        delimiter=campaign.audience.delimiter,
-        display_name=campaign.audience.source,
-    )
-    columns: tuple[str, ...] | None
-    try:
+    columns: tuple[str, ...] | None = None
+    audience: AudienceFile | None = None
+    try:  # an unknown encoding or delimiter is refused here: the problem then names this file's line
+        audience = AudienceFile(
+            project / campaign.audience.source,
+            encoding=campaign.audience.encoding,
+            delimiter=campaign.audience.delimiter,
+            display_name=campaign.audience.source,
+        )
         columns = audience.columns
     except AudienceError as exc:
         problems.extend(_at_source(exc.problems, locs))
-        columns = None
 
     where = None
     if campaign.audience.where is not None:
@@ -163,6 +163,7 @@ def load_campaign(path: Path, config: Config) -> PreparedCampaign:
             )
     if problems:
         raise ConfigError(sorted(problems, key=lambda p: (p.file != shown, p.file or "", p.line or 0)))
+    assert audience is not None  # noqa: S101 - without it there was a problem, raised above
     return PreparedCampaign(
         campaign=campaign,
         file=shown,
