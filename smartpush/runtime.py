@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Coroutine
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -200,6 +201,13 @@ class Runtime:
             return cached[1]
         return None
 
+    def _read_done(self, run_id: str, task: asyncio.Task[bool]) -> None:
+        self._reading.pop(run_id, None)
+        # Retrieved here, so that a read that failed while nobody awaited it (the database away, a
+        # cached state served meanwhile) is not logged as "Task exception was never retrieved".
+        if not task.cancelled():
+            task.exception()
+
     async def still_sending(self, run_id: str) -> bool:
         """:meth:`sending_allowed` for the event loop, without a database read in the way of a send.
 
@@ -216,7 +224,7 @@ class Runtime:
         if reading is None:  # one read at a time per run, however many messages ask
             reading = asyncio.get_running_loop().create_task(asyncio.to_thread(self.sending_allowed, run_id))
             self._reading[run_id] = reading
-            reading.add_done_callback(lambda _: self._reading.pop(run_id, None))
+            reading.add_done_callback(partial(self._read_done, run_id))
         if cached is not None and age < RUN_STATE_MAX_AGE_S:
             return cached[1]
         return await asyncio.shield(reading)

@@ -405,3 +405,38 @@ def test_a_daily_quota_counts_what_an_earlier_process_sent_today(
     assert tomorrow is not None and tomorrow > datetime.now(UTC)
     assert "daily quota of 15" in (waiting[0].error_text or "")
     assert len(server.requests) == 15
+
+
+def test_a_background_run_state_read_that_fails_is_not_left_unretrieved(
+    tmp_path: Path, server: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During a database outage the background read of a run's state fails while a cached state is
+    served: the failure must not be logged as "Task exception was never retrieved" (hundreds of times)."""
+    import asyncio
+    import gc
+
+    from smartpush import runtime
+    from smartpush.errors import InfrastructureError
+
+    config = load_config(make_project(tmp_path, server).parent / "smartpush.yaml", env={})
+    rt = runtime.Runtime(config)
+    unretrieved: list[str] = []
+
+    def fail(run_id: str) -> bool:
+        raise InfrastructureError("the ledger database is away")
+
+    async def ask() -> bool:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: unretrieved.append(ctx["message"]))
+        # A state read a little too long ago: served as is while a fresh one is read in the background.
+        rt._run_states["r"] = (time.monotonic() - runtime.RUN_STATE_TTL_S - 0.01, True)
+        monkeypatch.setattr(rt, "sending_allowed", fail)
+        answer = await rt.still_sending("r")
+        await asyncio.sleep(0.2)  # the background read fails meanwhile
+        gc.collect()
+        return answer
+
+    try:
+        assert asyncio.run(ask()) is True
+    finally:
+        rt.close()
+    assert unretrieved == []
