@@ -65,6 +65,8 @@ from .receipts import (
 __all__ = [
     "FAILED",
     "FINAL",
+    "INTERRUPTED",
+    "Fallbacks",
     "Ledger",
     "MessageRecord",
     "NewMessage",
@@ -192,6 +194,20 @@ class MessageRecord:
     context: dict[str, Any] | None = None
 
 
+@dataclass
+class Fallbacks:
+    """What a batch of results means for the fallback channels of a ``first-reachable`` run: recipients
+    reached on a channel (their ``waiting`` messages become ``skipped``) and recipients whose channel of
+    a given index reached a dead end (their next ``waiting`` message becomes ``created``)."""
+
+    run_id: str
+    reached: dict[str, list[str]] = field(default_factory=dict)  # channel → recipient ids
+    dead_end: dict[int, list[str]] = field(default_factory=dict)  # channel index → recipient ids
+
+    def __bool__(self) -> bool:
+        return bool(self.reached or self.dead_end)
+
+
 @dataclass(frozen=True)
 class OccurrenceRecord:
     """What became of one slot of a scheduled campaign: the run it launched, or why it was skipped."""
@@ -242,6 +258,9 @@ class Result:
 T = TypeVar("T")
 
 _log = logging.getLogger(__name__)
+
+#: The error code of a message whose worker stopped while sending it (see :meth:`Ledger.unstick`).
+INTERRUPTED = "interrupted"
 
 _ACTIVE = (Status.CREATED.value, Status.WAITING.value, Status.SENDING.value)
 _UNSENT = (Status.CREATED.value, Status.WAITING.value)
@@ -673,13 +692,19 @@ class Ledger:
                 won.update(conn.execute(stmt).scalars())
         return won
 
-    def record(self, results: Sequence[Result], now: datetime) -> None:
+    def record(
+        self, results: Sequence[Result], now: datetime, *, fallbacks: Fallbacks | None = None
+    ) -> dict[str, int]:
         """Apply results to ``sending`` messages in bulk (attempts +1 when ``attempted``).
 
         A result in status ``created`` is a retry at ``next_attempt_at`` (None: as soon as possible).
         ``provider`` None keeps the stored one. ``sent``/``delivered`` set ``sent_at``, ``delivered``
         sets ``delivered_at`` and every final status sets ``final_at``. Results for messages that are
         no longer ``sending`` are ignored (and logged).
+
+        ``fallbacks`` are settled in the same transaction, so a worker that dies after recording
+        cannot leave a recipient's next channel ``waiting`` for ever. Returns, per channel reached,
+        how many waiting messages were skipped.
         """
         params = []
         for result in results:
@@ -704,12 +729,20 @@ class Ledger:
                 }
             )
         if not params:
-            return
+            return {}
+        skipped: dict[str, int] = {}
         with self._tx() as conn:
             if self._postgresql:
                 updated = self._copy_record(conn, params)
             else:
                 updated = conn.execute(_RECORD, params).rowcount
+            if fallbacks:
+                for channel, rids in fallbacks.reached.items():
+                    skipped[channel] = self._skip_fallbacks(
+                        conn, fallbacks.run_id, rids, f"reached on {channel}", now
+                    )
+                for index, rids in fallbacks.dead_end.items():
+                    self._activate_fallbacks(conn, fallbacks.run_id, rids, index, now)
         if 0 <= updated < len(params):
             _log.warning(
                 "%d of %d results were for messages no longer sending: ignored",
@@ -722,9 +755,17 @@ class Ledger:
         ]
         if recorded:
             self._apply_waiting_receipts(recorded, now)
+        return skipped
 
     def activate_fallbacks(self, run_id: str, recipient_ids: Sequence[str], after_index: int) -> int:
         """For each recipient, its first ``waiting`` message after channel ``after_index`` → ``created``."""
+        with self._tx() as conn:
+            return self._activate_fallbacks(conn, run_id, recipient_ids, after_index, datetime.now(UTC))
+
+    @staticmethod
+    def _activate_fallbacks(
+        conn: Connection, run_id: str, recipient_ids: Sequence[str], after_index: int, now: datetime
+    ) -> int:
         later = messages_t.alias("later")
         first_waiting = (
             select(func.min(later.c.channel_index))
@@ -736,38 +777,42 @@ class Ledger:
             )
             .scalar_subquery()
         )
-        now = datetime.now(UTC)
         changed = 0
-        with self._tx() as conn:
-            for chunk in _chunks(sorted(set(recipient_ids))):
-                stmt = (
-                    update(messages_t)
-                    .where(
-                        messages_t.c.run_id == run_id,
-                        messages_t.c.recipient_id.in_(chunk),
-                        messages_t.c.status == Status.WAITING.value,
-                        messages_t.c.channel_index == first_waiting,
-                    )
-                    .values(status=Status.CREATED.value, updated_at=now)
+        for chunk in _chunks(sorted(set(recipient_ids))):
+            stmt = (
+                update(messages_t)
+                .where(
+                    messages_t.c.run_id == run_id,
+                    messages_t.c.recipient_id.in_(chunk),
+                    messages_t.c.status == Status.WAITING.value,
+                    messages_t.c.channel_index == first_waiting,
                 )
-                changed += conn.execute(stmt).rowcount
+                .values(status=Status.CREATED.value, updated_at=now)
+            )
+            changed += conn.execute(stmt).rowcount
         return changed
 
     def skip_fallbacks(self, run_id: str, recipient_ids: Sequence[str], reason: str, now: datetime) -> int:
         """Every ``waiting`` message of these recipients → ``skipped`` with ``reason`` (in ``error_text``)."""
-        changed = 0
         with self._tx() as conn:
-            for chunk in _chunks(sorted(set(recipient_ids))):
-                stmt = (
-                    update(messages_t)
-                    .where(
-                        messages_t.c.run_id == run_id,
-                        messages_t.c.recipient_id.in_(chunk),
-                        messages_t.c.status == Status.WAITING.value,
-                    )
-                    .values(status=Status.SKIPPED.value, error_text=reason, final_at=now, updated_at=now)
+            return self._skip_fallbacks(conn, run_id, recipient_ids, reason, now)
+
+    @staticmethod
+    def _skip_fallbacks(
+        conn: Connection, run_id: str, recipient_ids: Sequence[str], reason: str, now: datetime
+    ) -> int:
+        changed = 0
+        for chunk in _chunks(sorted(set(recipient_ids))):
+            stmt = (
+                update(messages_t)
+                .where(
+                    messages_t.c.run_id == run_id,
+                    messages_t.c.recipient_id.in_(chunk),
+                    messages_t.c.status == Status.WAITING.value,
                 )
-                changed += conn.execute(stmt).rowcount
+                .values(status=Status.SKIPPED.value, error_text=reason, final_at=now, updated_at=now)
+            )
+            changed += conn.execute(stmt).rowcount
         return changed
 
     def expire(self, run_id: str, *, created_before: datetime | None, now: datetime, reason: str) -> int:
@@ -896,7 +941,12 @@ class Ledger:
         return sorted(found)
 
     def unstick(self, run_id: str, segment: int, *, sending_before: datetime, now: datetime) -> int:
-        """``sending`` since before ``sending_before`` → ``created`` (their worker died)."""
+        """``sending`` since before ``sending_before`` → ``created`` (their worker died).
+
+        The interrupted send counts as an attempt (the provider may have had it), with the code
+        ``interrupted``: a message that kills its worker every time ends once ``max_attempts`` is
+        reached instead of taking worker after worker down.
+        """
         stmt = (
             update(messages_t)
             .where(
@@ -905,7 +955,13 @@ class Ledger:
                 messages_t.c.segment == segment,
                 messages_t.c.sending_at < sending_before,
             )
-            .values(status=Status.CREATED.value, updated_at=now)
+            .values(
+                status=Status.CREATED.value,
+                attempts=messages_t.c.attempts + 1,
+                error_code=INTERRUPTED,
+                error_text="its worker stopped while sending it",
+                updated_at=now,
+            )
         )
         with self._tx() as conn:
             return int(conn.execute(stmt).rowcount)

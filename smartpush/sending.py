@@ -17,7 +17,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -35,7 +35,17 @@ from .errors import (
     TransientError,
 )
 from .failover import choose_account
-from .ledger import Ledger, MessageRecord, Result, RunRecord, RunState, Status, Suppression
+from .ledger import (
+    INTERRUPTED,
+    Fallbacks,
+    Ledger,
+    MessageRecord,
+    Result,
+    RunRecord,
+    RunState,
+    Status,
+    Suppression,
+)
 from .loading import PreparedCampaign, PreparedChannel
 from .metrics import (
     count_closed,
@@ -175,19 +185,19 @@ def process_segment(
                 )
                 for m in late
             ]
-            ledger.record(expired, now)
+            record_results(rt, run, late, expired)
             count_recorded(run.campaign, late, expired)
             _follow_up(rt, run, late, expired, outcome)
         # The suppression list again, just before sending: an opt-out received mid-run stops the next
         # message. One query per channel of the batch.
         screened = screen(ledger, rt.config.secret_key(), run.category, batch)
         if screened.stopped:
-            ledger.record(screened.results, now)
+            record_results(rt, run, screened.stopped, screened.results)
             count_recorded(run.campaign, screened.stopped, screened.results)
             _follow_up(rt, run, screened.stopped, screened.results, outcome)  # next channel, if any
             batch = screened.send
         mark = screened.mark if screened.bypassed else None  # a `service` notice despite an opt-out
-        results, handed_back = rt.run(_send_all(rt, prepared, evaluator, batch, should_yield, mark))
+        results, handed_back = rt.run(_send_all(rt, run, prepared, evaluator, batch, should_yield, mark))
         count_recorded(run.campaign, batch, results)
         _suppress_dead_addresses(rt, batch, results)
         _follow_up(rt, run, batch, results, outcome)
@@ -336,40 +346,68 @@ def _log_results(rt: Runtime, run: RunRecord, batch: list[MessageRecord], result
 def _follow_up(
     rt: Runtime, run: RunRecord, batch: list[MessageRecord], results: list[Result], outcome: SegmentOutcome
 ) -> None:
-    """Fallback channels of first-reachable campaigns; counters for the log."""
+    """Counters for the log (the fallbacks were settled when the results were recorded)."""
     _log_results(rt, run, batch, results)
-    reached: dict[str, str] = {}
-    dead_end: dict[int, list[str]] = {}
-    for message, result in zip(batch, results, strict=True):
+    for result in results:
         if result.status is Status.SENT:
             outcome.sent += 1
-            reached[message.recipient_id] = message.channel
         elif result.status is Status.CREATED:
             outcome.retrying += 1
         else:
             outcome.failed += 1
-            if result.status in (
-                Status.PERMANENT_FAILURE,
-                Status.INVALID,
-                Status.TECHNICAL_FAILURE,
-                Status.TEMPORARY_FAILURE,
-                Status.SUPPRESSED,
-                Status.EXPIRED,
-            ):
-                dead_end.setdefault(message.channel_index, []).append(message.recipient_id)
-    if run.strategy != "first-reachable" or len(run.channels) < 2:  # no fallback to settle  # noqa: PLR2004
-        return
-    now = now_utc()
-    by_channel: dict[str, list[str]] = {}
-    for rid, channel in reached.items():
-        by_channel.setdefault(channel, []).append(rid)
-    pairs = zip(batch, results, strict=True)
-    reached_at = {m.recipient_id: m.channel_index for m, r in pairs if r.status is Status.SENT}
-    for channel, rids in by_channel.items():
-        skipped = rt.ledger.skip_fallbacks(run.id, rids, f"reached on {channel}", now)
-        count_skipped_fallbacks(rt.campaign(run), [reached_at[rid] for rid in rids], skipped)
-    for index, rids in dead_end.items():
-        rt.ledger.activate_fallbacks(run.id, rids, index)
+
+
+#: Final statuses after which a first-reachable recipient's next channel is tried.
+_DEAD_ENDS = frozenset(
+    {
+        Status.PERMANENT_FAILURE,
+        Status.INVALID,
+        Status.TECHNICAL_FAILURE,
+        Status.TEMPORARY_FAILURE,
+        Status.SUPPRESSED,
+        Status.EXPIRED,
+    }
+)
+
+
+def fallbacks_of(
+    run: RunRecord, batch: Sequence[MessageRecord], results: Sequence[Result]
+) -> Fallbacks | None:
+    """What these results mean for a first-reachable run's fallback channels (None: nothing)."""
+    if run.strategy != "first-reachable" or len(run.channels) < 2:  # noqa: PLR2004 - one channel: none
+        return None
+    fallbacks = Fallbacks(run.id)
+    for message, result in zip(batch, results, strict=True):
+        if result.status is Status.SENT:
+            fallbacks.reached.setdefault(message.channel, []).append(message.recipient_id)
+        elif result.status in _DEAD_ENDS:
+            fallbacks.dead_end.setdefault(message.channel_index, []).append(message.recipient_id)
+    return fallbacks or None
+
+
+def record_results(
+    rt: Runtime,
+    run: RunRecord,
+    batch: Sequence[MessageRecord],
+    results: Sequence[Result],
+    *,
+    durably: bool = False,
+) -> None:
+    """Record ``results`` of ``batch`` with their fallbacks in one transaction; count skipped fallbacks.
+
+    ``durably``: tried again for up to :data:`RECORD_RETRY_S` while the database is out of reach.
+    """
+    fallbacks = fallbacks_of(run, batch, results)
+    if durably:
+        skipped = record_durably(rt.ledger, list(results), fallbacks)
+    else:
+        skipped = rt.ledger.record(results, now_utc(), fallbacks=fallbacks)
+    if fallbacks is not None and skipped:
+        index = {m.channel: m.channel_index for m in batch}
+        prepared = rt.campaign(run)
+        for channel, count in skipped.items():
+            rids = fallbacks.reached.get(channel, [])
+            count_skipped_fallbacks(prepared, [index[channel]] * len(rids), count)
 
 
 class Handback:
@@ -392,14 +430,15 @@ class Handback:
                     limiter.abandon(self)
 
 
-def record_durably(ledger: Ledger, results: list[Result]) -> None:
+def record_durably(
+    ledger: Ledger, results: list[Result], fallbacks: Fallbacks | None = None
+) -> dict[str, int]:
     """:meth:`Ledger.record`, tried again for up to :data:`RECORD_RETRY_S` while the database is out of
     reach: these messages were handed to a provider, and left ``sending`` they would be sent again."""
     deadline = time.monotonic() + RECORD_RETRY_S
     while True:
         try:
-            ledger.record(results, now_utc())
-            return
+            return ledger.record(results, now_utc(), fallbacks=fallbacks)
         except InfrastructureError as exc:
             if time.monotonic() >= deadline:
                 raise
@@ -421,25 +460,30 @@ class Recorder:
     thread: the event loop keeps sending meanwhile), then once more at the end of the batch.
     """
 
-    def __init__(self, ledger: Ledger, mark: Callable[[list[Result]], list[Result]] | None) -> None:
-        self.ledger = ledger
+    def __init__(
+        self, rt: Runtime, run: RunRecord, mark: Callable[[list[Result]], list[Result]] | None
+    ) -> None:
+        self.rt = rt
+        self.run_record = run
         self.mark = mark
-        self.pending: list[Result] = []
+        self.pending: list[tuple[MessageRecord, Result]] = []
         self._stopped = asyncio.Event()
 
-    def add(self, result: Result) -> None:
-        self.pending.append(result)
+    def add(self, message: MessageRecord, result: Result) -> None:
+        self.pending.append((message, result))
 
     async def flush(self) -> None:
         chunk, self.pending = self.pending, []
         if not chunk:
             return
+        batch = [m for m, _ in chunk]
+        results = [r for _, r in chunk]
         if self.mark is not None:
-            chunk = self.mark(chunk)
+            results = self.mark(results)
         try:
-            await asyncio.to_thread(record_durably, self.ledger, chunk)
+            await asyncio.to_thread(record_results, self.rt, self.run_record, batch, results, durably=True)
         except BaseException:
-            self.pending[:0] = chunk  # kept for the last flush, which raises if it fails too
+            self.pending[:0] = list(zip(batch, results, strict=True))  # for the last flush, which raises
             raise
 
     def stop(self) -> None:
@@ -461,6 +505,7 @@ class Recorder:
 
 async def _send_all(
     rt: Runtime,
+    run: RunRecord,
     prepared: PreparedCampaign,
     evaluator: Evaluator,
     batch: list[MessageRecord],
@@ -470,13 +515,13 @@ async def _send_all(
     """Send a batch and record its results as they come (see :class:`Recorder`); also says whether it
     was handed back part-way for higher-priority work. The results returned are recorded."""
     handback = Handback()
-    recorder = Recorder(rt.ledger, mark)
+    recorder = Recorder(rt, run, mark)
     watcher = asyncio.ensure_future(handback.watch(rt, should_yield)) if should_yield is not None else None
     writer = asyncio.ensure_future(recorder.run())
 
     async def one(message: MessageRecord) -> Result:
         result = await _send_one(rt, prepared, evaluator, message, handback)
-        recorder.add(result)
+        recorder.add(message, result)
         return result
 
     try:
@@ -615,6 +660,14 @@ async def _send_one(
     handback: Handback | None = None,
 ) -> Result:
     channel = prepared.channels[message.channel_index]
+    if message.attempts >= prepared.campaign.retry.max_attempts:  # its sends kept being interrupted
+        return Result(
+            message.id,
+            Status.TECHNICAL_FAILURE,
+            attempted=False,
+            error_code=INTERRUPTED,
+            error_text=f"its worker stopped while sending it, {message.attempts} times: not tried again",
+        )
     failed_before = message.attempts > 0 and message.error_code is not None
     chosen = choose_account(rt.breaker, channel.providers, message.provider, failed_before)
     if chosen is None:  # every account of the channel is cooling down: wait without spending an attempt

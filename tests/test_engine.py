@@ -440,3 +440,32 @@ def test_a_background_run_state_read_that_fails_is_not_left_unretrieved(
     finally:
         rt.close()
     assert unretrieved == []
+
+
+def test_a_message_whose_sends_keep_being_interrupted_ends_at_max_attempts(
+    tmp_path: Path, server: FakeProviderServer
+) -> None:
+    """A message that takes its worker down every time (the sweeper releasing it again and again) must
+    not take worker after worker down: each interruption counts, and at max_attempts it ends."""
+    from datetime import timedelta
+
+    campaign = make_project(tmp_path, server, rows=3, size=10, attempts=4, strategy="all")
+    config = load_config(campaign.parent / "smartpush.yaml", env={})
+    engine = Engine(config)
+    try:
+        ledger = engine.rt.ledger
+        run_id = launch(engine.rt, load_campaign(campaign, config), enqueue=lambda *_: None).run.id
+        sms = [m.id for m in ledger.messages(run_id) if m.channel == "sms"]
+        for _ in range(4):  # claimed by a worker that dies; released by the sweeper
+            assert ledger.claim(sms, datetime.now(UTC)) == set(sms)
+            later = datetime.now(UTC) + timedelta(seconds=1)
+            ledger.unstick(run_id, 0, sending_before=later, now=datetime.now(UTC))
+        engine.handle(run_id, 0)
+        final = {m.id: m for m in ledger.messages(run_id)}
+        assert {(final[i].status, final[i].attempts, final[i].error_code) for i in sms} == {
+            (Status.TECHNICAL_FAILURE, 4, "interrupted")
+        }
+        assert all(r.path != "/sms" for r in server.requests)  # not handed to the provider again
+        assert {m.status for m in final.values() if m.channel == "email"} == {Status.SENT}
+    finally:
+        engine.close()

@@ -21,12 +21,13 @@ from pathlib import Path
 import psycopg
 import pytest
 from sqlalchemy import Connection, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from smartpush import ledger_schema
 from smartpush.errors import ConfigError, InfrastructureError, RunNotFound
 from smartpush.ledger import (
     FINAL,
+    Fallbacks,
     Ledger,
     MessageRecord,
     NewMessage,
@@ -626,6 +627,38 @@ def test_record_touches_only_messages_still_sending(ledger: Ledger, caplog: pyte
     with pytest.raises(ValueError, match="cannot put message"):
         ledger.record([Result(a, Status.SENDING)], now())
     ledger.record([], now())
+
+
+def test_results_and_their_fallbacks_are_one_transaction(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that dies after recording must not leave a recipient's next channel `waiting` for ever:
+    the fallbacks are settled in the transaction that records the results, or neither is stored."""
+    run = make_run(ledger)
+    messages = fill(ledger, run, 2, fallback=True)
+    first = {m.recipient_id: m.id for m in messages if m.channel_index == 0}
+    ledger.claim(list(first.values()), now())
+    results = [Result(first["r000002"], Status.PERMANENT_FAILURE), Result(first["r000003"], Status.SENT)]
+    fallbacks = Fallbacks(run.id, reached={"sms": ["r000003"]}, dead_end={0: ["r000002"]})
+
+    def dies(*args: object, **kwargs: object) -> int:
+        raise OperationalError("UPDATE", {}, Exception("the server closed the connection"))
+
+    monkeypatch.setattr(Ledger, "_activate_fallbacks", staticmethod(dies))
+    with pytest.raises(InfrastructureError):
+        ledger.record(results, now(), fallbacks=fallbacks)
+    m = by_id(ledger, run)
+    assert {m[i].status for i in first.values()} == {Status.SENDING}  # nothing half-recorded
+    monkeypatch.undo()
+    assert ledger.record(results, now(), fallbacks=fallbacks) == {"sms": 2}
+    m = by_id(ledger, run)
+    by_recipient = {
+        rid: [m[x.id].status for x in messages if x.recipient_id == rid] for rid in ("r000002", "r000003")
+    }
+    assert by_recipient == {
+        "r000002": [Status.PERMANENT_FAILURE, Status.CREATED, Status.WAITING],
+        "r000003": [Status.SENT, Status.SKIPPED, Status.SKIPPED],
+    }
 
 
 def test_fallbacks_are_activated_one_channel_at_a_time_or_skipped(ledger: Ledger) -> None:
