@@ -59,6 +59,16 @@ def common(f: F) -> F:
     return f
 
 
+#: ``--threads`` of the commands that send in their own process when no broker is configured.
+embedded_threads = click.option(
+    "--threads",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Embedded mode: worker threads sending in this process.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="smartpush", prog_name="smartpush")
 @common
@@ -195,13 +205,7 @@ def plan(state: State, campaigns: tuple[Path, ...], limit: int, processes: int |
     help="With a broker: return once the run is queued instead of following it to the end.",
 )
 @click.option("--strict", is_flag=True, help="Refuse to send anything if any row is invalid (exit 1).")
-@click.option(
-    "--threads",
-    type=click.IntRange(1, 64),
-    default=4,
-    show_default=True,
-    help="Embedded mode: worker threads sending in this process.",
-)
+@embedded_threads
 @common
 @click.pass_obj
 def send(
@@ -282,13 +286,7 @@ def worker(
     metavar="DURATION",
     help="How often the campaign files are read again and due slots launched.",
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(1, 64),
-    default=4,
-    show_default=True,
-    help="Embedded mode: worker threads sending in this process.",
-)
+@embedded_threads
 @click.option("--lock-ttl", default="30s", show_default=True, hidden=True)
 @common
 @click.pass_obj

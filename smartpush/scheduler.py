@@ -340,21 +340,26 @@ class Scheduler:
             )
         return out
 
+    def _record(
+        self,
+        name: str,
+        slot: datetime,
+        key: str,
+        outcome: str,
+        *,
+        run_id: str | None = None,
+        reason: str | None = None,
+    ) -> OccurrenceRecord:
+        record = OccurrenceRecord(
+            key, name, slot, outcome, "scheduler", self.clock(), reason=reason, run_id=run_id
+        )
+        return self.ledger.record_occurrence(record)
+
     def _launch(self, prepared: PreparedCampaign, slot: datetime, key: str) -> SlotOutcome:
         name = prepared.campaign.name
         result = launch(self.rt, prepared, enqueue=self.enqueue, key=key)
         run = result.run
-        stored = self.ledger.record_occurrence(
-            OccurrenceRecord(
-                key=key,
-                campaign=name,
-                slot=slot,
-                outcome="launched",
-                source="scheduler",
-                recorded_at=self.clock(),
-                run_id=run.id,
-            )
-        )
+        stored = self._record(name, slot, key, "launched", run_id=run.id)
         outcome = "launched" if result.created else "found"
         logger.info(
             "campaign %s: slot %s %s run %s",
@@ -367,17 +372,7 @@ class Scheduler:
         return SlotOutcome(name, key, slot, outcome, stored.run_id or run.id)
 
     def _skip(self, name: str, slot: datetime, key: str, why: str, *, quiet: bool = False) -> SlotOutcome:
-        stored = self.ledger.record_occurrence(
-            OccurrenceRecord(
-                key=key,
-                campaign=name,
-                slot=slot,
-                outcome="skipped",
-                source="scheduler",
-                recorded_at=self.clock(),
-                reason=why,
-            )
-        )
+        stored = self._record(name, slot, key, "skipped", reason=why)
         if stored.outcome == "launched":  # a cron job or another scheduler launched it meanwhile
             return SlotOutcome(name, key, slot, "found", stored.run_id)
         if quiet:
