@@ -17,6 +17,7 @@ import asyncio
 import logging
 import random
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -454,53 +455,71 @@ def record_durably(
 
 
 class Recorder:
-    """Writes a batch's results to the ledger while the batch is still sending.
+    """Writes the results of every batch a process is sending to the ledger while they send.
 
-    Results are collected as each message's send ends and written every :data:`RECORD_EVERY_S` (in a
-    thread: the event loop keeps sending meanwhile), then once more at the end of the batch.
+    One per :class:`Runtime` (one event loop per process): results are collected as each message's
+    send ends, from every batch of every worker thread, and written together every
+    :data:`RECORD_EVERY_S` (in a thread: the event loop keeps sending meanwhile). A batch's end writes
+    what is left before the batch returns. One writer for all the batches of a process keeps the window
+    in which a killed worker's sends are not on record at 50 ms, with one ledger transaction per run
+    every 50 ms instead of one per batch: 16 batches in flight wrote 16 times as often.
     """
 
-    def __init__(
-        self, rt: Runtime, run: RunRecord, mark: Callable[[list[Result]], list[Result]] | None
-    ) -> None:
+    def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.run_record = run
-        self.mark = mark
-        self.pending: list[tuple[MessageRecord, Result]] = []
-        self._stopped = asyncio.Event()
+        self.pending: list[tuple[RunRecord, MessageRecord, Result]] = []
+        self._lock = asyncio.Lock()
+        self._ticker: asyncio.Task[None] | None = None
 
-    def add(self, message: MessageRecord, result: Result) -> None:
-        self.pending.append((message, result))
+    def add(self, run: RunRecord, message: MessageRecord, result: Result) -> None:
+        self.pending.append((run, message, result))
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
     async def flush(self) -> None:
-        chunk, self.pending = self.pending, []
-        if not chunk:
-            return
-        batch = [m for m, _ in chunk]
-        results = [r for _, r in chunk]
-        if self.mark is not None:
-            results = self.mark(results)
-        try:
-            await asyncio.to_thread(record_results, self.rt, self.run_record, batch, results, durably=True)
-        except BaseException:
-            self.pending[:0] = list(zip(batch, results, strict=True))  # for the last flush, which raises
-            raise
-
-    def stop(self) -> None:
-        """Ends :meth:`run` at once, or after the write in progress; the caller flushes what is left."""
-        self._stopped.set()
-
-    async def run(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                await asyncio.wait_for(self._stopped.wait(), RECORD_EVERY_S)
+        """Write everything collected so far (other batches' results too); raises if that fails, and
+        keeps what failed for the next write."""
+        async with self._lock:
+            chunk, self.pending = self.pending, []
+            if not chunk:
                 return
-            except TimeoutError:
-                pass
+            try:
+                await asyncio.to_thread(_record_chunk, self.rt, chunk)
+            except BaseException:
+                self.pending[:0] = chunk
+                raise
+
+    async def _tick(self) -> None:
+        """Writes every RECORD_EVERY_S while there is something to write, then ends (``add`` restarts it)."""
+        while True:
+            await asyncio.sleep(RECORD_EVERY_S)
+            if not self.pending:
+                return
             try:
                 await self.flush()
             except InfrastructureError:
-                continue  # the database stayed away past RECORD_RETRY_S: the last flush says so
+                continue  # the database stayed away past RECORD_RETRY_S: the batches' own flushes say so
+
+
+def _record_chunk(rt: Runtime, chunk: list[tuple[RunRecord, MessageRecord, Result]]) -> None:
+    """Record collected results, one transaction per run (its fallbacks with it)."""
+    by_run: dict[str, tuple[RunRecord, list[MessageRecord], list[Result]]] = {}
+    for run, message, result in chunk:
+        entry = by_run.setdefault(run.id, (run, [], []))
+        entry[1].append(message)
+        entry[2].append(result)
+    for run, batch, results in by_run.values():
+        record_results(rt, run, batch, results, durably=True)
+
+
+_RECORDERS: weakref.WeakKeyDictionary[Runtime, Recorder] = weakref.WeakKeyDictionary()
+
+
+def _recorder(rt: Runtime) -> Recorder:
+    recorder = _RECORDERS.get(rt)
+    if recorder is None:
+        recorder = _RECORDERS.setdefault(rt, Recorder(rt))
+    return recorder
 
 
 async def _send_all(
@@ -515,13 +534,14 @@ async def _send_all(
     """Send a batch and record its results as they come (see :class:`Recorder`); also says whether it
     was handed back part-way for higher-priority work. The results returned are recorded."""
     handback = Handback()
-    recorder = Recorder(rt, run, mark)
+    recorder = _recorder(rt)
     watcher = asyncio.ensure_future(handback.watch(rt, should_yield)) if should_yield is not None else None
-    writer = asyncio.ensure_future(recorder.run())
 
     async def one(message: MessageRecord) -> Result:
         result = await _send_one(rt, prepared, evaluator, message, handback)
-        recorder.add(message, result)
+        if mark is not None:
+            result = mark([result])[0]
+        recorder.add(run, message, result)
         return result
 
     try:
@@ -531,14 +551,11 @@ async def _send_all(
     finally:
         if watcher is not None:
             watcher.cancel()
-        recorder.stop()
-        await writer
     await recorder.flush()
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome  # the segment fails; the message it concerns is left to the sweeper
-    results = [o for o in outcomes if isinstance(o, Result)]
-    return (mark(results) if mark is not None else results), handback.on
+    return [o for o in outcomes if isinstance(o, Result)], handback.on
 
 
 def _unsubscribe_url(rt: Runtime, prepared: PreparedCampaign, message: MessageRecord) -> str | None:
