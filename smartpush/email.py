@@ -118,7 +118,7 @@ def email_bytes(message: OutboundMessage, *, domain: str | None = None) -> tuple
 
 
 def _ascii_address(value: str) -> bool:
-    return parseaddr(value)[1].isascii()
+    return value.isascii() or parseaddr(value)[1].isascii()  # parsing only when there is a non-ASCII name
 
 
 def _address(value: str) -> str:

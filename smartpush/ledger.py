@@ -1002,10 +1002,8 @@ class Ledger:
         """The latest slot of ``campaign`` on record, launched or skipped."""
         stmt = select(func.max(occurrences_t.c.slot)).where(occurrences_t.c.campaign == campaign)
         with self._tx(write=False) as conn:
-            value = conn.execute(stmt).scalar()
-        if isinstance(value, str):  # SQLite's max() hands back the stored text, not the column type
-            value = datetime.fromisoformat(value)
-        return None if value is None else (value.replace(tzinfo=UTC) if value.tzinfo is None else value)
+            value: datetime | None = conn.execute(stmt).scalar()  # max() keeps the column's type
+        return value
 
     def reaching_runs(
         self,

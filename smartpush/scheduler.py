@@ -63,6 +63,9 @@ Clock = Callable[[], datetime]
 class Lock(Protocol):
     """At most one holder at a time, across processes (and hosts, for Redis)."""
 
+    #: How long the lock outlives its holder's last renewal; None: it never expires while held.
+    expires_after_s: float | None
+
     def acquire(self) -> bool: ...
 
     def renew(self) -> bool: ...
@@ -72,6 +75,8 @@ class Lock(Protocol):
 
 class FileLock:
     """An exclusive ``flock`` on a file: held until released or the process dies (embedded mode)."""
+
+    expires_after_s: float | None = None  # the operating system releases it when the process dies
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -126,6 +131,7 @@ class RedisLock:
         self.client = redis.Redis.from_url(url)
         self.key = key
         self.ttl_ms = max(1, int(ttl.total_seconds() * 1000))
+        self.expires_after_s: float | None = self.ttl_ms / 1000
         self.token = secrets.token_hex(16)
 
     def acquire(self) -> bool:
@@ -243,8 +249,11 @@ class Scheduler:
     def kept(self) -> Iterator[None]:
         """Renew the lock in the background every third of its expiry while this runs: between two
         passes (the tick may be as long as the expiry) and during a long launch (a large split)."""
+        if self.lock.expires_after_s is None:  # nothing to renew
+            yield
+            return
         stop = threading.Event()
-        every = max(0.05, _lock_ttl_s(self.lock) / 3)
+        every = max(0.05, self.lock.expires_after_s / 3)
 
         def keep() -> None:
             while not stop.wait(every):
@@ -385,7 +394,3 @@ class Scheduler:
             extra={"campaign": name, "key": key, "outcome": "skipped"},
         )
         return SlotOutcome(name, key, slot, "skipped", reason=why)
-
-
-def _lock_ttl_s(lock: Lock) -> float:
-    return lock.ttl_ms / 1000 if isinstance(lock, RedisLock) else DEFAULT_LOCK_TTL.total_seconds()

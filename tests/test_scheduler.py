@@ -57,6 +57,8 @@ class Clock:
 class NoLock:
     """A lock that every scheduler gets: only the run key stands between them and a double launch."""
 
+    expires_after_s: float | None = None
+
     def acquire(self) -> bool:
         return True
 
