@@ -5,15 +5,25 @@ from __future__ import annotations
 import asyncio
 import email
 from email import policy
+from email.header import Header
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from smartpush.providers.outbox import OutboxOptions, OutboxProvider
 
-from smartpush.email import as_bytes, build_email, email_bytes, message_id_header, sender_domain
+import smartpush.email
+from smartpush.email import (
+    _encoded_header,
+    _header,
+    as_bytes,
+    build_email,
+    email_bytes,
+    message_id_header,
+    sender_domain,
+)
 from smartpush.provider import Channel, OutboundMessage
 
 UNSUBSCRIBE = "<https://unsubscribe.mairie.example/u/" + "a1b2c3d4" * 12 + ">, <mailto:stop@mairie.example>"
@@ -197,3 +207,58 @@ def test_email_bytes_keeps_the_guarantees_of_the_stdlib_message() -> None:
     raw, _ = email_bytes(message(to="zoé@exemple.fr"))
     assert parse(raw)["To"] == "zoé@exemple.fr"
     assert email_bytes(message(), domain="relay.example")[1] == "<m-0001@relay.example>"
+
+
+# The cache of encoded header lines -----------------------------------------------------------------
+
+_HEADER_NAMES = st.sampled_from(["Subject", "From", "Reply-To", "X-Campaign"])
+#: Values that need encoded words (not ASCII) or folding (longer than a line), without line breaks.
+_ENCODED_VALUES = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), min_size=1, max_size=300).filter(
+        lambda s: not s.isascii() and s.isprintable()
+    ),
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1000, max_size=1500),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=_HEADER_NAMES, value=_ENCODED_VALUES)
+@example(name="Subject", value="Grippe : la vaccination commence à l'école ✓")
+@example(name="Subject", value="Вакцинация против гриппа: запишитесь " * 8)
+@example(name="Subject", value="予防接種のお知らせ 🙂" * 12)
+@example(name="X-Campaign", value="x" * 997)
+def test_the_cached_header_is_the_uncached_encoding(name: str, value: str) -> None:
+    _encoded_header.cache_clear()
+    expected = f"{name}: " + Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+    first = _header(name, value)  # computed and kept
+    second = _header(name, value)  # from the cache
+    assert _encoded_header.cache_info()[:2] == (1, 1)  # (hits, misses): the second call was a hit
+    assert first == second == _encoded_header.__wrapped__(name, value) == expected
+    assert "=?utf-8?" in first or value.isascii()
+
+
+def test_plain_header_values_bypass_the_cache_and_the_cache_is_bounded() -> None:
+    _encoded_header.cache_clear()
+    assert (
+        _header("Subject", "Vaccination : prenez rendez-vous") == "Subject: Vaccination : prenez rendez-vous"
+    )
+    assert _encoded_header.cache_info().currsize == 0
+    for n in range(300):
+        _header("Subject", f"Bonjour Zoé n°{n}")
+    info = _encoded_header.cache_info()
+    assert info.maxsize == 256 and info.currsize == 256
+
+
+def test_email_bytes_is_the_same_from_the_header_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        smartpush.email, "formatdate", lambda localtime=False: "Tue, 04 Mar 2025 09:00:00 -0000"
+    )
+    subject = "Rappel : rendez-vous à l'hôpital — élèves & écoles ✓ " * 3
+    m = message(subject=subject, html=None)
+    _encoded_header.cache_clear()
+    cold = email_bytes(m)
+    warm = email_bytes(m)
+    assert _encoded_header.cache_info().hits >= 1
+    _encoded_header.cache_clear()
+    assert cold == warm == email_bytes(m)
+    assert parse(warm[0])["Subject"] == subject

@@ -25,11 +25,17 @@ import pytest
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import SMTPProtocol
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
+from smartpush.providers import smtp as smtp_driver
 from smartpush.providers.smtp import SmtpOptions, SmtpProvider, classify_exception, classify_reply, scrub
 
+import smartpush.email
 from smartpush import registry
 from smartpush.errors import (
     ConfigError,
@@ -133,8 +139,8 @@ def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, auth
     return AuthResult(success=ok, handled=False)
 
 
-def serve(**kwargs: Any) -> Iterator[Server]:
-    handler = Recorder()
+def serve(handler: Recorder | None = None, **kwargs: Any) -> Iterator[Server]:
+    handler = Recorder() if handler is None else handler
     port = free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port, **kwargs)
     controller.start()
@@ -422,6 +428,253 @@ def test_timeout_is_transient_and_the_next_send_reconnects(plain: Server) -> Non
 def test_unreachable_server_is_transient() -> None:
     [error] = send_all(SmtpProvider("relay", options(free_port())), message())
     assert isinstance(error, TransientError) and error.code == "connection"
+
+
+# -- the plain envelope: sendmail's commands without its address parsing ------------------------
+
+#: Senders whose local part makes the server answer MAIL with an error.
+SENDER_SCRIPT = {
+    "refused": "553 5.1.8 <refused@mairie.example>: Sender address rejected: Domain not found",
+    "busy": "450 4.3.2 Sender check unavailable",
+}
+#: A header that makes the server refuse the message at the end of DATA.
+REJECT_MARK = b"X-Test-Verdict: reject"
+
+
+@dataclass
+class Scripted(Recorder):
+    """A :class:`Recorder` that also refuses scripted senders and marked messages, and keeps MAIL options."""
+
+    mail_options: list[list[str]] = field(default_factory=list)
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        local = address.split("@", 1)[0]
+        if local in SENDER_SCRIPT:
+            return SENDER_SCRIPT[local]
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        self.mail_options.append(list(mail_options))
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if REJECT_MARK in envelope.content:
+            return "554 5.6.0 Message content rejected"
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.fixture
+def scripted() -> Iterator[Server]:
+    yield from serve(Scripted())
+
+
+@pytest.fixture
+def fixed_date(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text-only messages are then the same bytes every time (no Date, no random MIME boundary)."""
+    monkeypatch.setattr(
+        smartpush.email, "formatdate", lambda localtime=False: "Tue, 04 Mar 2025 09:00:00 -0000"
+    )
+
+
+@dataclass
+class Transcript:
+    """What one provider did: each send's outcome, every byte the client wrote, sendmail calls."""
+
+    outcomes: list[str]
+    writes: list[bytes]
+    sendmail_calls: int
+    connects: int
+    envelopes: list[tuple[str, list[str], bytes]]
+
+
+def transcript(
+    server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    *messages: OutboundMessage,
+    plain: bool = True,
+    **opts: Any,
+) -> Transcript:
+    """Send ``messages`` through a new provider, the plain envelope allowed or (``plain=False``) not."""
+    writes: list[bytes] = []
+    calls: list[str] = []
+    write, sendmail = SMTPProtocol.write, aiosmtplib.SMTP.sendmail
+
+    def spy_write(self: SMTPProtocol, data: bytes) -> None:
+        writes.append(bytes(data))
+        write(self, data)
+
+    async def spy_sendmail(self: aiosmtplib.SMTP, *args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0])
+        return await sendmail(self, *args, **kwargs)
+
+    server.handler.envelopes.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(SMTPProtocol, "write", spy_write)
+        patch.setattr(aiosmtplib.SMTP, "sendmail", spy_sendmail)
+        if not plain:
+            patch.setattr(smtp_driver, "_plain_address", lambda address: False)
+        provider = SmtpProvider("relay", options(server.port, connections=1, **opts))
+        results = send_all(provider, *messages)
+    outcomes = [
+        f"{type(r).__name__} {r.code} {r}" if isinstance(r, ProviderError) else r.provider_reference
+        for r in results
+    ]
+    return Transcript(outcomes, writes, len(calls), provider.connects, list(server.handler.envelopes))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x7F), max_size=30))
+@example("alice@example.org")
+@example("o'hara+news/2025=x?y@sub.mairie-fecamp.example")
+@example("a..b.@c.")
+@example("@@")
+@example("alice@[127.0.0.1]")
+@example("a[b]@c")
+@example('"jean dupont"@example.org')
+def test_a_plain_address_is_sent_as_given(address: str) -> None:
+    """Whatever the plain envelope accepts, aiosmtplib would have put between angle brackets unchanged."""
+    if smtp_driver._plain_address(address):
+        assert quote_address(address) == f"<{address}>"
+
+
+def test_which_addresses_are_plain() -> None:
+    plain = ["alice@example.org", "info@mairie.example", "o'hara+x@a-b.example", "x_y.z!#$%&*/=?^`{|}~@d.e"]
+    assert all(map(smtp_driver._plain_address, plain))
+    odd = [
+        "",
+        '"jean dupont"@example.org',
+        "alice@[127.0.0.1]",
+        "élise@example.org",
+        "alice@exämple.org",
+        "a b@example.org",
+        "a<b@example.org",
+        "a>b@example.org",
+        "a(b)@example.org",
+        "a,b@example.org",
+        "a;b@example.org",
+        "a:b@example.org",
+        "a\\b@example.org",
+        "a\tb@example.org",
+        "alice@example.org\r\nRSET",
+        "a\x7fb@example.org",
+    ]
+    assert not any(map(smtp_driver._plain_address, odd))
+
+
+@pytest.mark.parametrize(
+    ("payload", "size"),
+    [
+        (b"a\r\nb\r\n", 6),
+        (b"a\r\nb", 6),
+        (b"", 2),
+        (b"a\nb\n", 6),
+        (b"a\rb\r\n", 6),
+        (b"a\r", 3),
+        (b"a\n\r", 5),
+    ],
+)
+def test_the_announced_size_is_aiosmtplibs(payload: bytes, size: int) -> None:
+    assert smtp_driver._wire_size(payload) == size
+    assert size == len(smtp_driver.normalize_message_line_endings(payload))
+
+
+def test_plain_envelope_delivers_the_exact_bytes(
+    scripted: Server, fixed_date: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    msg = message(html=None, body=".a line that starts with a dot\n..and two\nend\n")
+    payload = smartpush.email.email_bytes(msg)[0]
+    assert b"\r\n.a line" in payload  # dot-stuffing is exercised
+    fast = transcript(scripted, monkeypatch, msg, message(n=2, html=None))
+    assert fast.sendmail_calls == 0
+    assert fast.outcomes == ["<m-0001@mairie.example>", "<m-0002@mairie.example>"]
+    (mail_from, rcpts, raw), _ = fast.envelopes
+    assert (mail_from, rcpts) == ("info@mairie.example", ["alice@example.org"])
+    assert raw == payload
+    assert scripted.handler.mail_options[0] == [f"SIZE={len(payload)}"]
+    assert b"MAIL FROM:<info@mairie.example> size=%d\r\n" % len(payload) in fast.writes
+    assert b"RCPT TO:<alice@example.org>\r\n" in fast.writes
+    assert b"RSET\r\n" not in fast.writes
+    assert fast.connects == 1
+    # sendmail itself writes exactly the same bytes
+    slow = transcript(scripted, monkeypatch, msg, message(n=2, html=None), plain=False)
+    assert slow.sendmail_calls == 2
+    assert (slow.outcomes, slow.writes, slow.envelopes) == (fast.outcomes, fast.writes, fast.envelopes)
+
+
+def test_plain_envelope_with_dkim_and_html(
+    scripted: Server, dkim_key: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = {"domain": "mairie.example", "selector": "s2026", "private_key": dkim_key[0].decode()}
+    fast = transcript(scripted, monkeypatch, message(), dkim=key)
+    assert fast.sendmail_calls == 0 and fast.outcomes == ["<m-0001@mairie.example>"]
+    [(_, _, raw)] = fast.envelopes
+    assert raw.startswith(b"DKIM-Signature:")
+    assert dkim.verify(raw, dnsfunc=lambda name, timeout=5: dkim_key[1])
+    assert scripted.handler.mail_options == [[f"SIZE={len(raw)}"]]
+
+
+@pytest.mark.parametrize(
+    ("first", "kind", "code", "connects"),
+    [
+        ({"sender": "Mairie <refused@mairie.example>"}, TechnicalError, "553", 1),
+        ({"sender": "Mairie <busy@mairie.example>"}, TransientError, "450 4.3.2", 1),
+        ({"to": "bounce@example.org"}, PermanentError, "550 5.1.1", 1),
+        ({"to": "later@example.org"}, TransientError, "451 4.3.0", 1),
+        ({"headers": {"X-Test-Verdict": "reject"}}, PermanentError, "554 5.6.0", 1),
+        ({"to": "slow@example.org"}, ThrottledError, "421 4.7.0", 2),  # 421: aiosmtplib hangs up
+    ],
+    ids=["sender-5xx", "sender-4xx", "rcpt-5xx", "rcpt-4xx", "data-5xx", "rcpt-421"],
+)
+def test_plain_envelope_refusals_are_sendmails(
+    scripted: Server,
+    fixed_date: None,
+    monkeypatch: pytest.MonkeyPatch,
+    first: dict[str, Any],
+    kind: type[ProviderError],
+    code: str,
+    connects: int,
+) -> None:
+    """A refused MAIL, RCPT or DATA: the same error, code and RSET as sendmail; the next message goes."""
+    messages = (message(n=1, html=None, **first), message(n=2, html=None))
+    fast = transcript(scripted, monkeypatch, *messages)
+    slow = transcript(scripted, monkeypatch, *messages, plain=False)
+    assert fast.sendmail_calls == 0 and slow.sendmail_calls == 2
+    assert fast.outcomes == slow.outcomes
+    assert fast.outcomes[0].startswith(f"{kind.__name__} {code} ")
+    assert "@" not in fast.outcomes[0]
+    assert fast.outcomes[1] == "<m-0002@mairie.example>"
+    assert [e[:2] for e in fast.envelopes] == [("info@mairie.example", ["alice@example.org"])]
+    assert fast.writes == slow.writes  # every command, RSET included, byte for byte
+    assert (fast.connects, slow.connects) == (connects, connects)
+    # the envelope was reset on the same connection, unless the 421 closed it (then RSET cannot go)
+    assert fast.writes.count(b"RSET\r\n") == (1 if connects == 1 else 0)
+    mail = [w for w in fast.writes if w.startswith(b"MAIL FROM:")]
+    assert len(mail) == 2
+
+
+def test_an_address_that_needs_quoting_goes_through_sendmail(
+    scripted: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quoted = transcript(scripted, monkeypatch, message(to='"jean dupont"@example.org'), message(n=2))
+    assert quoted.sendmail_calls == 1
+    assert quoted.outcomes == ["<m-0001@mairie.example>", "<m-0002@mairie.example>"]
+    assert b'RCPT TO:<"jean dupont"@example.org>\r\n' in quoted.writes
+    assert [rcpts for _, rcpts, _ in quoted.envelopes] == [
+        ['"jean dupont"@example.org'],
+        ["alice@example.org"],
+    ]
+
+
+def test_a_connection_without_ehlo_yet_goes_through_sendmail_once(
+    scripted: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # starttls: false and no credentials: connect() sends no EHLO, sendmail does it for the first message
+    sent = transcript(scripted, monkeypatch, message(n=1), message(n=2), message(n=3), starttls=False)
+    assert sent.outcomes == [f"<m-{n:04d}@mairie.example>" for n in (1, 2, 3)]
+    assert sent.sendmail_calls == 1
+    assert sum(w.startswith(b"EHLO ") for w in sent.writes) == 1
+    assert sent.connects == 1
 
 
 # -- DKIM ----------------------------------------------------------------------------------------
