@@ -323,6 +323,11 @@ class AudienceFile:
 
     # ------------------------------------------------------------------ shards
 
+    @property
+    def size(self) -> int:
+        """The file's size in bytes."""
+        return self._path.stat().st_size
+
     def shards(self, count: int, *, min_bytes: int | None = None) -> list[Shard] | None:
         """Split the records into ``count`` byte ranges of whole lines, to read in several processes.
 

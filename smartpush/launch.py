@@ -15,21 +15,27 @@ entries for: with none, no address is looked up at all; otherwise one query per 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import queue
 import random
 import threading
 import time
+from array import array
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from multiprocessing.pool import AsyncResult
+from multiprocessing.pool import Pool as ProcessPool
 from pathlib import Path
 
-from .audience import Row
+from .audience import Row, Shard
 from .campaign import Category
-from .ledger import Ledger, NewMessage, NewRecipient, RunRecord, RunState, Status
+from .dedup import SeenIds
+from .ledger import Ledger, NewMessage, NewRecipient, RunRecord, RunState, SplitText, Status
 from .loading import PreparedCampaign
-from .metrics import count_launched
+from .metrics import count_launched, count_launched_tally
 from .recipients import Evaluator
 from .runtime import Runtime
 from .sending import log_run_finished
@@ -43,6 +49,16 @@ logger = logging.getLogger("smartpush.launch")
 
 #: Recipients written per transaction: large enough to amortise round trips, small enough to resume.
 SPLIT_BATCH = 2_000
+
+#: A new run's audience file from this size on is read and checked in several processes at once
+#: (one chunk of whole lines each, in turn); the launching process numbers the rows in file order,
+#: drops duplicate ids and hands the batches to the writers. Smaller files are read in the launching
+#: process: forking costs more than it saves.
+PARALLEL_MIN_BYTES = 8 << 20
+#: Bytes of audience file per chunk: about SPLIT_BATCH rows of a typical audience.
+CHUNK_BYTES = 256 << 10
+#: Reading processes of one launch, at most (and at most one per core).
+MAX_SPLIT_PROCESSES = 4
 
 _STATUS = {
     "send": Status.CREATED,
@@ -167,9 +183,24 @@ def _split(
         else None
     )
     reach = _Reach.of(rt, prepared, run)
+    if index:  # resumed: the ids read before the stop are known, so their duplicates after it are too
+        for rid, line in ledger.split_recipients(run.id, after):
+            if rid != f"#line:{line}":  # an invalid row's placeholder id, never compared
+                evaluator.seen.add(rid, line)
+    readers = None
+    if rows is None and result.created and index == 0 and screen is None and reach is None:
+        readers = _Readers.start(rt, prepared, run.id, frozenset(needed))  # forks before any thread
     writer = _Writer(
         rt, run.id, size, queued, enqueue, screen, campaign=run.campaign, reach=reach, fresh=result.created
     )
+    read_all = False
+    if readers is not None:
+        try:
+            index, last_line, read_all = readers.split(evaluator.seen, writer, result, size)
+        except BaseException:
+            writer.finish()
+            raise
+        after = last_line  # should a reader have failed, the rest is read here (and fails here)
 
     def flush() -> None:
         writer.put(list(recipients), list(messages), last_line, index)
@@ -177,7 +208,7 @@ def _split(
         messages.clear()
 
     try:
-        for outcome in evaluator.over(row for row in source if row.line > after):
+        for outcome in () if read_all else evaluator.over(row for row in source if row.line > after):
             last_line = outcome.line
             if outcome.kind == "filtered":
                 result.filtered += 1
@@ -270,6 +301,199 @@ def _split(
     finished = datetime.now(UTC)
     if ledger.finish_if_done(run.id, finished):  # nothing to send (every row invalid, say)
         log_run_finished(ledger, result.run, finished)
+
+
+#: (campaign, columns kept, run id): what the reading processes inherit when they are forked
+#: (templates don't pickle).
+_FORKED: tuple[PreparedCampaign, frozenset[str], str] | None = None
+
+Signature = tuple[tuple[str, str, str], ...]  # (channel, account, status) of a row's messages
+
+
+@dataclass
+class _Chunk:
+    """One chunk of the audience, read and checked in a reading process, in COPY text form."""
+
+    failed: bool = False  # the chunk could not be read: the launching process reads on from before it
+    filtered: int = 0
+    last_line: int = 0  # the last line read
+    lines: array[int] = field(default_factory=lambda: array("Q"))  # per row kept (recipient or invalid)
+    keys: array[int] = field(default_factory=lambda: array("Q"))  # its id's SeenIds key; 0: invalid row
+    recipients: list[str] = field(default_factory=list)  # its recipient row up to the segment
+    messages: list[tuple[str, ...]] = field(default_factory=list)  # its message rows up to the segment
+    kinds: array[int] = field(default_factory=lambda: array("I"))  # its index in ``signatures``
+    signatures: list[Signature] = field(default_factory=list)
+
+
+def _read_chunk(shard: Shard) -> _Chunk:
+    """In a reading process: evaluate one chunk's rows as the launching process would."""
+    assert _FORKED is not None  # noqa: S101 - set before the processes fork
+    prepared, needed, run_id = _FORKED
+    chunk = _Chunk()
+    try:
+        text = SplitText(run_id, datetime.now(UTC))
+        kinds: dict[Signature, int] = {}
+        key = SeenIds.key
+        for outcome in Evaluator(prepared, render="none", keep_data=True, dedup=False).over(
+            prepared.audience.rows(shard)
+        ):
+            chunk.last_line = outcome.line
+            if outcome.kind == "filtered":
+                chunk.filtered += 1
+                continue
+            if outcome.kind == "invalid":
+                rid = f"#line:{outcome.line}"
+                chunk.keys.append(0)
+                chunk.recipients.append(text.recipient(rid, outcome.line, {}))
+                messages = [
+                    NewMessage(
+                        new_id(),
+                        rid,
+                        0,
+                        str(channel.channel),
+                        i,
+                        channel.providers[0],
+                        Status.INVALID,
+                        error_code="bad-row",
+                        error_text=outcome.reason,
+                    )
+                    for i, channel in enumerate(prepared.channels)
+                ]
+            else:
+                rid = outcome.recipient_id or ""
+                data = outcome.data or {}
+                chunk.keys.append(key(rid))
+                chunk.recipients.append(
+                    text.recipient(rid, outcome.line, {k: data[k] for k in needed if k in data})
+                )
+                messages = [
+                    NewMessage(
+                        new_id(),
+                        rid,
+                        0,
+                        str(ch.channel.channel),
+                        i,
+                        ch.channel.providers[0],
+                        _STATUS[ch.status],
+                        address=ch.address,
+                        error_code=ch.code,
+                        error_text=ch.reason,
+                    )
+                    for i, ch in enumerate(outcome.channels)
+                ]
+            chunk.lines.append(outcome.line)
+            chunk.messages.append(tuple(text.message(m) for m in messages))
+            signature = tuple((m.channel, m.provider, m.status.value) for m in messages)
+            kind = kinds.get(signature)
+            if kind is None:
+                kind = kinds[signature] = len(chunk.signatures)
+                chunk.signatures.append(signature)
+            chunk.kinds.append(kind)
+    except Exception:  # read again by the launching process, which reports it
+        return _Chunk(failed=True)
+    return chunk
+
+
+class _Readers:
+    """Reading processes of a new run's split: forked before the writers start, they read and check
+    the audience in chunks and format their rows; the launching process keeps the order."""
+
+    def __init__(self, pool: ProcessPool, shards: list[Shard], processes: int) -> None:
+        self.pool = pool
+        self.shards = shards
+        self.processes = processes
+
+    @classmethod
+    def start(
+        cls, rt: Runtime, prepared: PreparedCampaign, run_id: str, needed: frozenset[str]
+    ) -> _Readers | None:
+        """Fork the readers, or None when the launching process should read alone: a small file, one
+        core, SQLite (one writer at a time), or a file whose lines cannot be cut apart safely."""
+        global _FORKED
+        processes = min(os.cpu_count() or 1, MAX_SPLIT_PROCESSES)
+        audience = prepared.audience
+        if (
+            processes < 2  # noqa: PLR2004 - one process is no split
+            or not rt.ledger.parallel_writes
+            or "fork" not in multiprocessing.get_all_start_methods()
+            or audience.size < PARALLEL_MIN_BYTES
+        ):
+            return None
+        shards = audience.shards(max(2, audience.size // CHUNK_BYTES), min_bytes=CHUNK_BYTES // 2)
+        if shards is None:
+            return None
+        _FORKED = (prepared, needed, run_id)
+        try:
+            pool = multiprocessing.get_context("fork").Pool(processes)
+        finally:
+            _FORKED = None
+        return cls(pool, shards, processes)
+
+    def split(self, seen: SeenIds, writer: _Writer, result: Launch, size: int) -> tuple[int, int, bool]:
+        """Number the rows the readers give back, in file order, and hand them to ``writer`` in batches.
+
+        Returns (rows numbered, last line read, whether every chunk was read). Duplicate ids are
+        dropped here, with ``seen``, as the launching process's own reading would.
+        """
+        index = last_line = 0
+        recipients: list[str] = []
+        messages: list[str] = []
+        tally: Counter[Signature] = Counter()
+        batch = 0
+        pending: deque[AsyncResult[_Chunk]] = deque()
+        shards = iter(self.shards)
+
+        def submit() -> None:
+            shard = next(shards, None)
+            if shard is not None:
+                pending.append(self.pool.apply_async(_read_chunk, (shard,)))
+
+        def flush(line: int) -> None:
+            nonlocal batch
+            writer.put_text("".join(recipients), "".join(messages), tally.copy(), line, index)
+            recipients.clear()
+            messages.clear()
+            tally.clear()
+            batch = 0
+
+        try:
+            for _ in range(self.processes * 2):  # bounded: chunks read ahead wait in memory
+                submit()
+            while pending:
+                chunk = pending.popleft().get()
+                if chunk.failed:
+                    break
+                submit()
+                result.filtered += chunk.filtered
+                for i, line in enumerate(chunk.lines):
+                    key = chunk.keys[i]
+                    if key:
+                        if seen.add_key(key, line) is not None:
+                            result.duplicates += 1
+                            continue
+                        result.recipients += 1
+                    else:
+                        result.invalid_rows += 1
+                    end = f"{index // size}\n"
+                    index += 1
+                    recipients += (chunk.recipients[i], end)
+                    for row in chunk.messages[i]:
+                        messages += (row, end)
+                    tally[chunk.signatures[chunk.kinds[i]]] += 1
+                    batch += 1
+                    if batch >= SPLIT_BATCH:
+                        flush(line)
+                last_line = chunk.last_line
+            else:
+                if batch:
+                    flush(last_line)
+                return index, last_line, True
+            if batch:
+                flush(last_line)
+            return index, last_line, False
+        finally:
+            self.pool.terminate()
+            self.pool.join()
 
 
 class _Screen:
@@ -395,15 +619,30 @@ class _Reach:
         return own, len(left_out) - own
 
 
-class _Writer:
-    """Writes split batches in a thread of its own, in order, while the next batch is being prepared.
+_Batch = tuple[list[NewRecipient], list[NewMessage]]
 
-    The database then works on one batch while Python reads and checks the next rows: on a 2-core
-    machine that overlap is most of the launch's speed. A segment is queued once its last batch is
-    committed. An error in the thread is raised again in the launching thread.
+
+@dataclass
+class _TextBatch:
+    recipients: str
+    messages: str
+    tally: Counter[Signature]
+
+
+class _Writer:
+    """Writes split batches in threads of their own while the next batches are being prepared.
+
+    The database works on batches while Python reads and checks the next rows: on a 2-core machine
+    that overlap is most of the launch's speed. Two writers, each on its own connection, so that one
+    batch is being formatted while PostgreSQL stores the one before. Batches may commit out of order;
+    the split's progress (``split_line``, which a relaunch resumes after) and the queueing of segments
+    follow only the batches committed without a gap, in order: a segment is queued once every batch
+    holding one of its rows is committed. An error in a thread is raised again in the launching thread.
     """
 
-    #: Batches waiting to be written: enough to keep the database busy, bounded to keep memory flat.
+    #: Writing threads (and database connections) of one launch.
+    WRITERS = 2
+    #: Batches waiting to be written: enough to keep the writers busy, bounded to keep memory flat.
     DEPTH = 2
 
     def __init__(
@@ -431,25 +670,45 @@ class _Writer:
         self.size = size
         self.queued = queued
         self.enqueue = enqueue
-        self.jobs: queue.Queue[tuple[list[NewRecipient], list[NewMessage], int, int] | None] = queue.Queue(
-            self.DEPTH
-        )
+        self.jobs: queue.Queue[tuple[int, _Batch | _TextBatch, int, int] | None] = queue.Queue(self.DEPTH)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="smartpush-split-writer", daemon=True)
-        self.thread.start()
+        self._put = 0  # batches handed over
+        self._next = 0  # the first batch not yet followed by the progress
+        self._committed: dict[int, tuple[int, int]] = {}  # batch → (last line, index), out of order
+        self._lock = threading.Lock()
+        # SQLite has one writer at a time: a second thread would only wait for the lock.
+        writers = self.WRITERS if self.ledger.parallel_writes else 1
+        self.threads = [
+            threading.Thread(target=self._run, name=f"smartpush-split-writer-{i}", daemon=True)
+            for i in range(writers)
+        ]
+        for thread in self.threads:
+            thread.start()
 
     def put(
         self, recipients: list[NewRecipient], messages: list[NewMessage], last_line: int, index: int
     ) -> None:
+        self._hand((recipients, messages), last_line, index)
+
+    def put_text(
+        self, recipients: str, messages: str, tally: Counter[Signature], last_line: int, index: int
+    ) -> None:
+        """:meth:`put` for rows in COPY text form, with the count of their messages by signature."""
+        self._hand(_TextBatch(recipients, messages, tally), last_line, index)
+
+    def _hand(self, batch: _Batch | _TextBatch, last_line: int, index: int) -> None:
         if self.error is not None:
             self.finish()
-        self.jobs.put((recipients, messages, last_line, index))
+        self.jobs.put((self._put, batch, last_line, index))
+        self._put += 1
 
     def finish(self) -> int:
         """Wait for every batch to be written; returns how many segments were queued."""
-        if self.thread.is_alive():
+        alive = [thread for thread in self.threads if thread.is_alive()]
+        for _ in alive:
             self.jobs.put(None)
-            self.thread.join()
+        for thread in alive:
+            thread.join()
         if self.error is not None:
             raise self.error
         return self.queued
@@ -458,22 +717,49 @@ class _Writer:
         while (job := self.jobs.get()) is not None:
             if self.error is not None:
                 continue  # drain: the launching thread raises the error at its next put or finish
-            recipients, messages, last_line, index = job
+            number, batch, last_line, index = job
             try:
+                own = capped = suppressed = 0
+                if isinstance(batch, _TextBatch):
+                    self.ledger.add_split_text(
+                        self.run_id, batch.recipients, batch.messages, fresh=self.fresh
+                    )
+                    counts: Counter[tuple[str, str, str]] = Counter()
+                    for signature, n in batch.tally.items():
+                        for triple in signature:
+                            counts[triple] += n
+                    count_launched_tally(self.campaign, counts)
+                    recipients: list[NewRecipient] = []
+                else:
+                    recipients, messages = batch
                 if recipients:
                     if self.reach is not None:
                         own, capped = self.reach.apply(messages)
-                        self.reached_recently += own
-                        self.capped += capped
                     if self.screen is not None:  # here, so the lookups overlap the reading of rows
-                        self.suppressed += self.screen.apply(messages)
+                        suppressed = self.screen.apply(messages)
                     self.ledger.add_batch(self.run_id, recipients, messages, fresh=self.fresh)
                     count_launched(self.campaign, messages)
-                self.ledger.update_split(
-                    self.run_id, split_line=last_line, segments=-(-index // self.size), recipients=index
-                )
-                while self.queued < index // self.size:
-                    self.enqueue(self.run_id, self.queued)
-                    self.queued += 1
+                with self._lock:
+                    self.reached_recently += own
+                    self.capped += capped
+                    self.suppressed += suppressed
+                    self._committed[number] = (last_line, index)
+                    self._progress()
             except BaseException as exc:
                 self.error = exc
+
+    def _progress(self) -> None:
+        """Under the lock: record and queue what the batches committed without a gap have completed."""
+        last: tuple[int, int] | None = None
+        while self._next in self._committed:
+            last = self._committed.pop(self._next)
+            self._next += 1
+        if last is None:
+            return
+        last_line, index = last
+        self.ledger.update_split(
+            self.run_id, split_line=last_line, segments=-(-index // self.size), recipients=index
+        )
+        while self.queued < index // self.size:
+            self.enqueue(self.run_id, self.queued)
+            self.queued += 1

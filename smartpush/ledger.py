@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -75,6 +76,7 @@ __all__ = [
     "Result",
     "RunRecord",
     "RunState",
+    "SplitText",
     "Status",
     "Suppression",
 ]
@@ -163,6 +165,49 @@ class NewMessage:
     address: str | None = None
     error_code: str | None = None
     error_text: str | None = None
+
+
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_value(value: str | None) -> str:
+    """One value in PostgreSQL's COPY text format: \\N for NULL, backslash, tab and line ends escaped."""
+    if value is None:
+        return "\\N"
+    return value.translate(_COPY_ESCAPES) if _COPY_SPECIAL.search(value) else value
+
+
+class SplitText:
+    """Split rows in PostgreSQL's COPY text form, made where the rows are read (in another process)
+    and stored by :meth:`Ledger.add_split_text`.
+
+    Each row is formatted up to its last column, the segment, which only the launching process knows
+    (it numbers the rows in file order once duplicates are dropped): it appends ``"{segment}\\n"``.
+    """
+
+    RECIPIENT_COLUMNS = ("run_id", "recipient_id", "line", "context", "segment")
+    MESSAGE_COLUMNS = (
+        *("id", "run_id", "recipient_id", "channel", "channel_index", "provider", "status", "attempts"),
+        *("address", "error_code", "error_text", "created_at", "final_at", "updated_at", "segment"),
+    )
+
+    def __init__(self, run_id: str, now: datetime) -> None:
+        self.run = _copy_value(run_id)
+        self.stamp = now.astimezone(UTC).isoformat()
+
+    def recipient(self, recipient_id: str, line: int, context: Mapping[str, Any]) -> str:
+        return f"{self.run}\t{_copy_value(recipient_id)}\t{line}\t{_copy_value(_json(context))}\t"
+
+    def message(self, message: NewMessage) -> str:
+        status = Status(message.status)
+        final = self.stamp if status in FINAL else "\\N"
+        return (
+            f"{_copy_value(message.id)}\t{self.run}\t{_copy_value(message.recipient_id)}\t"
+            f"{_copy_value(message.channel)}\t{message.channel_index}\t{_copy_value(message.provider)}\t"
+            f"{status.value}\t0\t{_copy_value(message.address)}\t{_copy_value(message.error_code)}\t"
+            f"{_copy_value(message.error_text)}\t{self.stamp}\t{final}\t{self.stamp}\t"
+        )
 
 
 @dataclass
@@ -330,6 +375,12 @@ class Ledger:
         self._inserts: dict[str, tuple[str, list[int]]] = {}  # table → SQLite INSERT, order of its values
         # In memory every thread shares the one connection, so transactions must take turns.
         self._lock: AbstractContextManager[object] = threading.RLock() if memory else nullcontext()
+
+    @property
+    def parallel_writes(self) -> bool:
+        """Whether transactions from several threads write at the same time (PostgreSQL), rather than
+        wait for each other (SQLite has one writer at a time)."""
+        return self._postgresql
 
     @contextmanager
     def _tx(self, *, write: bool = True) -> Iterator[Connection]:
@@ -526,6 +577,68 @@ class Ledger:
         with self._tx() as conn:
             self._insert_many(conn, recipients_t, _RECIPIENT_KEYS, recipient_rows)
             self._insert_many(conn, messages_t, _MESSAGE_KEYS, message_rows)
+
+    def split_recipients(self, run_id: str, through_line: int) -> Iterator[tuple[str, int]]:
+        """(recipient id, line) of the recipients ``run_id``'s split stored from lines up to
+        ``through_line``, by line, in pages: what a resumed split must know to recognise a duplicate of
+        a row read before it stopped."""
+        columns = recipients_t.c
+        base = (
+            select(columns.recipient_id, columns.line)
+            .where(columns.run_id == run_id, columns.line <= through_line)
+            .order_by(columns.line)
+            .limit(_STREAM_BATCH * 10)
+        )
+        stmt = base
+        while True:
+            with self._tx(write=False) as conn:
+                batch = [(str(rid), int(line)) for rid, line in conn.execute(stmt)]
+            yield from batch
+            if len(batch) < _STREAM_BATCH * 10:
+                return
+            stmt = base.where(columns.line > batch[-1][1])
+
+    def add_split_text(self, run_id: str, recipients: str, messages: str, *, fresh: bool = False) -> None:
+        """:meth:`add_batch` for rows already in COPY text form (:class:`SplitText`), PostgreSQL only.
+
+        What a split in several processes hands over: its rows were formatted where they were read.
+        """
+        if not self._postgresql:
+            raise ValueError("rows in COPY text form are for PostgreSQL")
+        if fresh:
+            try:
+                with self._tx() as conn:
+                    self._copy_text(conn, recipients_t.name, SplitText.RECIPIENT_COLUMNS, recipients)
+                    self._copy_text(conn, messages_t.name, SplitText.MESSAGE_COLUMNS, messages)
+                return
+            except IntegrityError:
+                _log.warning("split batch of run %s partly stored already: written again", run_id)
+        with self._tx() as conn:
+            for table, columns, text in (
+                (recipients_t, SplitText.RECIPIENT_COLUMNS, recipients),
+                (messages_t, SplitText.MESSAGE_COLUMNS, messages),
+            ):
+                batch = f"smartpush_{table.name}_batch"
+                conn.exec_driver_sql(
+                    f"CREATE TEMPORARY TABLE IF NOT EXISTS {batch} (LIKE {table.name}) ON COMMIT DELETE ROWS"
+                )
+                self._copy_text(conn, batch, columns, text)
+                names = ", ".join(columns)
+                conn.exec_driver_sql(
+                    f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {batch} ON CONFLICT DO NOTHING"
+                )
+
+    def _copy_text(self, conn: Connection, table: str, columns: tuple[str, ...], text: str) -> None:
+        if not text:
+            return
+        statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+        driver: Any = conn.connection.driver_connection
+        dbapi_error: Any = self._engine.dialect.loaded_dbapi.Error
+        try:
+            with driver.cursor() as cursor, cursor.copy(statement) as copy:
+                copy.write(text)
+        except dbapi_error as exc:
+            raise DBAPIError.instance(statement, None, exc, dbapi_error) from exc
 
     def _insert_many(
         self, conn: Connection, table: Table, keys: tuple[str, ...], rows: list[tuple[Any, ...]]
@@ -1786,8 +1899,12 @@ def _chunks(items: Sequence[T], size: int = _IN_CHUNK) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
+#: One encoder for every row: json.dumps with options builds a new JSONEncoder at each call.
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return _JSON.encode(value)
 
 
 def _is_due(now: datetime) -> ColumnElement[bool]:

@@ -179,6 +179,11 @@ def count_launched(campaign: str, messages: Iterable[NewMessage]) -> None:
     _count(campaign, Tally((m.channel, m.provider, Status(m.status).value) for m in messages))
 
 
+def count_launched_tally(campaign: str, tally: Tally[tuple[str, str, str]]) -> None:
+    """:func:`count_launched` of messages already counted by (channel, account, status)."""
+    _count(campaign, tally)
+
+
 def count_recorded(
     campaign: str, messages: Sequence[MessageRecord], results: Sequence[Result], now: datetime | None = None
 ) -> None:

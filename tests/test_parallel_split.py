@@ -1,0 +1,243 @@
+"""A new run's split read in several processes stores exactly what the launching process alone stores.
+
+Real PostgreSQL (a schema per test); the readers are forked for real, on chunks made small so that a
+few thousand rows give dozens of them (duplicates, invalid and filtered rows land in different chunks).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from servers import PG_URL
+
+from smartpush import launch as launching
+from smartpush.config import load_config
+from smartpush.launch import Launch, launch
+from smartpush.loading import load_campaign
+from smartpush.metrics import MESSAGES
+from smartpush.runtime import Runtime
+
+CAMPAIGN = """\
+name: {name}
+category: service
+audience:
+  source: people.csv
+  id: id
+  where: "age >= 18"
+segments:
+  size: 37
+channels:
+  - channel: sms
+    provider: sms
+    body: "Bonjour {{{{ prenom }}}}, rendez-vous le {{{{ jour }}}}."
+  - channel: email
+    provider: mail
+    from: "Service <noreply@example.fr>"
+    subject: "Rendez-vous"
+    text: "Bonjour {{{{ prenom }}}}"
+strategy: first-reachable
+"""
+
+
+def people(rows: int) -> str:
+    lines = ["id;prenom;age;jour;phone;email"]
+    for i in range(rows):
+        phone = f"06{12345600 + i:08d}"
+        email = f"p{i}@example.fr"
+        if i % 97 == 5:
+            phone = "0612"  # invalid phone: the email is the channel that reaches them
+        if i % 89 == 3:
+            phone = ""  # no phone: email only
+        if i % 211 == 7:
+            email = "not-an-address"
+        name = f"Zoé\\{i}\tA" if i % 50 == 0 else f"Zoé{i}"  # a backslash and a tab, kept as they are
+        age = 12 if i % 31 == 0 else 40  # filtered out by where
+        rid = "" if i % 503 == 11 else str(i)  # empty id: an invalid row
+        if i % 700 == 699:
+            rid = str(i - 650)  # a duplicate of a row far above (another chunk)
+        lines.append(f"{rid};{name};{age};lundi;{phone};{email}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def schema_url() -> Iterator[str]:
+    try:
+        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL at {PG_URL} is unreachable ({exc})")
+    schema = f"split_{secrets.token_hex(6)}"
+    with admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        try:
+            yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+        finally:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def project(tmp_path: Path, url: str, rows: int) -> Runtime:
+    (tmp_path / "smartpush.yaml").write_text(
+        f"database: {url}\nproviders:\n  sms: {{type: outbox}}\n  mail: {{type: outbox}}\n", encoding="utf-8"
+    )
+    (tmp_path / "people.csv").write_text(people(rows), encoding="utf-8")
+    for name in ("seq", "par"):
+        (tmp_path / f"{name}.yaml").write_text(CAMPAIGN.format(name=name), encoding="utf-8")
+    rt = Runtime(load_config(tmp_path / "smartpush.yaml", env={}))
+    rt.ledger.migrate()
+    return rt
+
+
+def split(
+    rt: Runtime, tmp_path: Path, name: str, *, parallel: bool, enqueue: Any = None, key: str | None = None
+) -> tuple[Launch, list[tuple[str, int]]]:
+    queued: list[tuple[str, int]] = []
+    prepared = load_campaign(tmp_path / f"{name}.yaml", rt.config)
+    done = launch(rt, prepared, enqueue=enqueue or (lambda run, seg: queued.append((run, seg))), key=key)
+    return done, queued
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launching, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(launching, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(launching.os, "cpu_count", lambda: 2)
+
+
+def sequential(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launching, "PARALLEL_MIN_BYTES", 1 << 62)
+
+
+def stored(url: str, run_id: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        recipients = conn.execute(
+            "SELECT recipient_id, segment, line, context FROM recipients WHERE run_id = %s"
+            " ORDER BY line",
+            (run_id,),
+        ).fetchall()
+        messages = conn.execute(
+            "SELECT recipient_id, segment, channel, channel_index, provider, status, attempts, address,"
+            " error_code, error_text, final_at IS NULL, length(id) FROM messages WHERE run_id = %s"
+            " ORDER BY recipient_id, channel_index",
+            (run_id,),
+        ).fetchall()
+        run = conn.execute(
+            "SELECT state, split_complete, split_line, segments, recipients FROM runs WHERE id = %s",
+            (run_id,),
+        ).fetchone()
+    assert run is not None
+    return recipients, messages, tuple(run)
+
+
+def launched_counts(campaign: str) -> dict[tuple[str, ...], float]:
+    return {
+        tuple(s.labels[k] for k in ("channel", "provider", "status")): s.value
+        for metric in MESSAGES.collect()
+        for s in metric.samples
+        if s.name.endswith("_total") and s.labels.get("campaign") == campaign
+    }
+
+
+def test_a_split_in_several_processes_stores_what_one_process_stores(
+    tmp_path: Path, schema_url: str, monkeypatch: pytest.MonkeyPatch, small_chunks: None
+) -> None:
+    rt = project(tmp_path, schema_url, 6_000)
+    try:
+        assert rt.config is not None
+        prepared = load_campaign(tmp_path / "par.yaml", rt.config)
+        assert len(prepared.audience.shards(40, min_bytes=2048) or []) == 40  # the file can be cut
+
+        forks: list[int] = []
+        real_pool = launching.multiprocessing.get_context("fork").Pool
+
+        def counting_pool(processes: int) -> Any:
+            forks.append(processes)
+            return real_pool(processes)
+
+        class Context:
+            Pool = staticmethod(counting_pool)
+
+        monkeypatch.setattr(launching.multiprocessing, "get_context", lambda method: Context)
+        par, par_queued = split(rt, tmp_path, "par", parallel=True)
+        assert forks == [2]  # the readers really were forked
+        monkeypatch.undo()
+        sequential(monkeypatch)
+        seq, seq_queued = split(rt, tmp_path, "seq", parallel=False)
+
+        counts = ("recipients", "filtered", "duplicates", "invalid_rows", "suppressed")
+        assert {c: getattr(par, c) for c in counts} == {c: getattr(seq, c) for c in counts}
+        assert par.duplicates >= 5 and par.filtered > 100 and par.invalid_rows > 5
+        assert stored(schema_url, par.run.id) == stored(schema_url, seq.run.id)
+        recipients, _, (state, complete, _line, segments, total) = stored(schema_url, par.run.id)
+        assert (state, complete) == ("running", True)
+        assert total == len(recipients) == par.recipients + par.invalid_rows
+        # every segment queued once, in order, as the single process queues them
+        assert [s for _, s in par_queued] == [s for _, s in seq_queued] == list(range(segments))
+        # the tab and the backslash of a name went through COPY's escaping unchanged
+        assert json.loads(next(r[3] for r in recipients if r[0] == "50"))["prenom"] == "Zoé\\50\tA"
+        assert launched_counts("par") == launched_counts("seq")
+    finally:
+        rt.close()
+
+
+def test_a_parallel_split_that_dies_is_finished_by_launching_again(
+    tmp_path: Path, schema_url: str, small_chunks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = project(tmp_path, schema_url, 6_000)
+    try:
+
+        class Died(Exception):
+            pass
+
+        def dying(run: str, segment: int) -> None:
+            if segment == 60:
+                raise Died
+
+        with pytest.raises(Died):
+            split(rt, tmp_path, "par", parallel=True, enqueue=dying, key="k")
+        run = rt.ledger.find_run("k")
+        assert run is not None and not run.split_complete and run.recipients >= 60 * 37
+        again, queued = split(rt, tmp_path, "par", parallel=True, key="k")
+        assert again.resumed and again.run.id == run.id
+        sequential(monkeypatch)
+        seq, _ = split(rt, tmp_path, "seq", parallel=False)
+        assert stored(schema_url, run.id)[1] == stored(schema_url, seq.run.id)[1]
+        # nothing was sent yet: the relaunch queues every segment again (a queued one may be lost)
+        assert sorted({s for _, s in queued}) == list(range(again.run.segments))
+    finally:
+        rt.close()
+
+
+def test_a_chunk_that_cannot_be_read_is_reported_as_one_process_reports_it(
+    tmp_path: Path, schema_url: str, small_chunks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = project(tmp_path, schema_url, 6_000)
+    try:
+        for name in ("par", "seq"):  # a file said to be UTF-8, with a byte that is not, far down
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(path.read_text().replace("  id: id\n", "  id: id\n  encoding: utf-8\n"))
+        data = (tmp_path / "people.csv").read_bytes()
+        cut = data.index(b"\n5000;")
+        (tmp_path / "people.csv").write_bytes(data[:cut] + b"\n5000;\xff\xfe;40;lundi;;" + data[cut:])
+        with pytest.raises(Exception) as parallel_error:
+            split(rt, tmp_path, "par", parallel=True, key="p")
+        sequential(monkeypatch)
+        with pytest.raises(Exception) as sequential_error:
+            split(rt, tmp_path, "seq", parallel=False, key="s")
+        assert str(parallel_error.value) == str(sequential_error.value).replace("seq.yaml", "par.yaml")
+        par, seq = rt.ledger.find_run("p"), rt.ledger.find_run("s")
+        assert par is not None and seq is not None and not par.split_complete
+        assert 0 < par.recipients < 5000 and par.split_line < 5002  # what was read before it is stored
+        # the officer fixes the line and launches again with the same key: both runs end the same
+        (tmp_path / "people.csv").write_bytes(data[:cut] + b"\n5000;Zo\xc3\xa9;40;lundi;;" + data[cut:])
+        monkeypatch.setattr(launching, "PARALLEL_MIN_BYTES", 0)
+        assert split(rt, tmp_path, "par", parallel=True, key="p")[0].resumed
+        sequential(monkeypatch)
+        assert split(rt, tmp_path, "seq", parallel=False, key="s")[0].resumed
+        assert stored(schema_url, par.id)[1:] == stored(schema_url, seq.id)[1:]
+    finally:
+        rt.close()
