@@ -119,6 +119,11 @@ class HttpSink:
         self.port = int(self.proc.stdout.readline())
         self.url = f"http://127.0.0.1:{self.port}"
 
+    def cpu_s(self) -> float:
+        """The sink process's CPU seconds so far (it shares the machine's cores with smartpush)."""
+        stat = _stat(self.proc.pid)
+        return stat[3] if stat else 0.0
+
     def count(self) -> int:
         with urllib.request.urlopen(f"{self.url}/__count", timeout=10) as answer:
             return int(json.loads(answer.read())["count"])
@@ -137,6 +142,11 @@ class SmtpSink:
         )
         assert self.proc.stdout is not None
         self.port, self.count_port = (int(p) for p in self.proc.stdout.readline().split())
+
+    def cpu_s(self) -> float:
+        """The sink process's CPU seconds so far (it shares the machine's cores with smartpush)."""
+        stat = _stat(self.proc.pid)
+        return stat[3] if stat else 0.0
 
     def count(self) -> int:
         with socket.create_connection(("127.0.0.1", self.count_port), timeout=10) as sock:
@@ -486,8 +496,14 @@ class Workers:
                     str(self.proc.pid),
                     "--subprocesses",
                     "--nonblocking",
+                    *os.environ.get("BENCH_PYSPY_ARGS", "").split(),
                 ),
-                *("--rate", "50", "--format", "speedscope" if path.suffix == ".json" else "flamegraph"),
+                *(
+                    "--rate",
+                    "50",
+                    "--format",
+                    {".json": "speedscope", ".txt": "raw"}.get(path.suffix, "flamegraph"),
+                ),
                 *("-o", str(path)),
             ],
             stdout=subprocess.DEVNULL,
@@ -565,6 +581,27 @@ def ledger_counts(db_url: str, run_id: str) -> dict[str, int]:
             (run_id,),
         ).fetchall()
     return {f"{channel}:{status}": int(n) for channel, status, n in rows}
+
+
+def timeline(db_url: str, run_id: str) -> str:
+    """Where the wall time went: the run created → first message sent → last sent → run finished."""
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT r.created_at, min(m.sent_at), max(m.sent_at), r.finished_at, count(m.sent_at)"
+            " FROM runs r JOIN messages m ON m.run_id = r.id WHERE r.id = %s"
+            " GROUP BY r.created_at, r.finished_at",
+            (run_id,),
+        ).fetchone()
+    if row is None or row[1] is None or row[3] is None:
+        return "no message sent"
+    created, first, last, finished, sent = row
+    steady = (last - first).total_seconds()
+    rate = f", {(sent - 1) / steady:,.0f} msg/s between them" if steady > 0 else ""
+    return (
+        f"first sent {(first - created).total_seconds():.2f} s after the run was created, last"
+        f" {(last - created).total_seconds():.2f} s{rate}; run finished"
+        f" {(finished - last).total_seconds():.2f} s after the last"
+    )
 
 
 # -- the machine ------------------------------------------------------------------------------------

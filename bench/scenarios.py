@@ -9,6 +9,7 @@ queue, render, send, results written). The peers run afterwards on the same sink
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -31,6 +32,7 @@ from bench.harness import (
     ledger_counts,
     log,
     run_measured,
+    timeline,
     wait_finished,
 )
 
@@ -173,9 +175,10 @@ def send_run(
         workers.wait_consuming()
         profiled = opts.profile and label.startswith(("sms", "email"))
         if profiled:
-            workers.profile(HERE / "profiles" / f"{label}.svg")
+            workers.profile(HERE / "profiles" / f"{label}{os.environ.get('BENCH_PROFILE_SUFFIX', '.svg')}")
             time.sleep(3)  # py-spy attaches to every process of the tree before the clock starts
         before = [s.count() for s in sinks]
+        sink_cpu = sum(s.cpu_s() for s in sinks)
         meter = Meter(project.db_name)
         meter.start()
         launched = run_measured(
@@ -191,11 +194,15 @@ def send_run(
     )
     counts = ledger_counts(project.db_url, run_id)
     received = sum(s.count() - b for s, b in zip(sinks, before, strict=True))
+    sink_cpu = sum(s.cpu_s() for s in sinks) - sink_cpu
     sent = sum(n for k, n in counts.items() if k.endswith(":sent"))
     row.messages = sent
     unfinished = {k: n for k, n in counts.items() if not k.endswith((":sent", ":skipped"))}
     row.ok = received == sent and not unfinished  # first-reachable records the channels it skipped
     row.notes.append(f"{label}: ledger {counts}, sinks received {received:,}")
+    row.notes.append(f"{label}: {timeline(project.db_url, run_id)}")
+    if sent:
+        row.notes.append(f"{label}: the sinks used {sink_cpu / sent * 1e6:,.0f} µs of CPU per message")
     if profiled:
         row.notes.append(f"{label}: profiled with py-spy (bench/profiles/{label}.svg): slower")
     if row.ok:
