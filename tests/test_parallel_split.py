@@ -115,8 +115,7 @@ def sequential(monkeypatch: pytest.MonkeyPatch) -> None:
 def stored(url: str, run_id: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], tuple[Any, ...]]:
     with psycopg.connect(url) as conn:
         recipients = conn.execute(
-            "SELECT recipient_id, segment, line, context FROM recipients WHERE run_id = %s"
-            " ORDER BY line",
+            "SELECT recipient_id, segment, line, context FROM recipients WHERE run_id = %s ORDER BY line",
             (run_id,),
         ).fetchall()
         messages = conn.execute(
