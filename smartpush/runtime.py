@@ -110,6 +110,7 @@ class Runtime:
         self._providers: dict[str, Provider] = {}
         self._limiters: dict[str, AccountLimiter] = {}
         self._campaigns: dict[str, PreparedCampaign] = {}
+        self._loading: dict[str, threading.Lock] = {}  # run id → held while its campaign is loaded
         self._evaluators: dict[str, Evaluator] = {}
         self._run_states: dict[str, tuple[float, bool]] = {}
         self._reading: dict[str, asyncio.Task[bool]] = {}
@@ -185,10 +186,19 @@ class Runtime:
         """The run's campaign, loaded once per process from the file it was launched from."""
         with self._lock:
             prepared = self._campaigns.get(run.id)
-        if prepared is None:
-            prepared = load_campaign(Path(run.campaign_file), self.config)
-            with self._lock:
-                self._campaigns[run.id] = prepared
+            loading = self._loading.setdefault(run.id, threading.Lock()) if prepared is None else None
+        if loading is not None:
+            # One thread loads it; the others of this process wait for that instead of each loading
+            # (and checking) the same files at the same time when a run's first segments arrive.
+            with loading:
+                with self._lock:
+                    prepared = self._campaigns.get(run.id)
+                if prepared is None:
+                    prepared = load_campaign(Path(run.campaign_file), self.config)
+                    with self._lock:
+                        self._campaigns[run.id] = prepared
+                        self._loading.pop(run.id, None)
+        assert prepared is not None  # noqa: S101 - loaded above or found
         return prepared
 
     def sending_allowed(self, run_id: str) -> bool:

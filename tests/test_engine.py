@@ -469,3 +469,45 @@ def test_a_message_whose_sends_keep_being_interrupted_ends_at_max_attempts(
         assert {m.status for m in final.values() if m.channel == "email"} == {Status.SENT}
     finally:
         engine.close()
+
+
+def test_batches_are_sized_to_the_pace_of_the_provider() -> None:
+    from smartpush.sending import BATCH_SIZE, BATCH_TARGET_S, MAX_BATCH, MIN_BATCH, next_batch_size
+
+    # a fast provider: 200 sent in 0.4 s -> the next batch takes about BATCH_TARGET_S at that pace
+    assert next_batch_size(200, 0.4) == min(MAX_BATCH, int(200 * BATCH_TARGET_S / 0.4))
+    assert next_batch_size(200, 0.01) == MAX_BATCH  # bounded: a batch's memory and claim stay small
+    # a rate-limited account (10 messages/s): small batches, so a closing window stops it in seconds
+    assert next_batch_size(200, 20.0) == int(10 * BATCH_TARGET_S)
+    assert next_batch_size(3, 60.0) == MIN_BATCH
+    assert next_batch_size(0, 1.0) == BATCH_SIZE  # nothing sent (all handed back): start again
+
+
+def test_a_runs_campaign_is_loaded_once_by_the_threads_that_need_it_together(
+    tmp_path: Path,
+    server: FakeProviderServer,
+    harness_factory: list[Harness],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from smartpush import runtime
+
+    h = start(harness_factory, make_project(tmp_path, server, rows=5))
+    h.worker.stop()
+    run = h.ledger.get_run(launch(h.engine.rt, h.prepared, enqueue=lambda run, seg: None).run.id)
+    assert run is not None
+    real = runtime.load_campaign
+    loads: list[str] = []
+
+    def slow_load(path: Path, config: object) -> object:
+        loads.append(str(path))
+        time.sleep(0.2)  # the others arrive while it loads
+        return real(path, config)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime, "load_campaign", slow_load)
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(h.engine.rt.campaign(run))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(loads) == 1 and len(got) == 8 and all(g is got[0] for g in got)
