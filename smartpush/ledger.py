@@ -366,6 +366,7 @@ class Ledger:
     """
 
     def __init__(self, url: str) -> None:
+        self._url = url
         self._engine, memory = make_engine(url)
         self._postgresql = self._engine.dialect.name == "postgresql"
         self._where = self._engine.url.render_as_string(hide_password=True)
@@ -375,6 +376,11 @@ class Ledger:
         self._inserts: dict[str, tuple[str, list[int]]] = {}  # table → SQLite INSERT, order of its values
         # In memory every thread shares the one connection, so transactions must take turns.
         self._lock: AbstractContextManager[object] = threading.RLock() if memory else nullcontext()
+
+    def reopen(self) -> Ledger:
+        """A new instance on the same database, with connections of its own: what a forked process
+        uses (a connection must never be shared across a fork)."""
+        return Ledger(self._url)
 
     @property
     def parallel_writes(self) -> bool:

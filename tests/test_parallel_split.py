@@ -240,3 +240,104 @@ def test_a_chunk_that_cannot_be_read_is_reported_as_one_process_reports_it(
         assert stored(schema_url, par.id)[1:] == stored(schema_url, seq.id)[1:]
     finally:
         rt.close()
+
+
+def screened_split(
+    tmp_path: Path, url: str, *, parallel: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, ...]:
+    """A campaign with a suppression list and ``exclude_reached``, after an earlier run of it."""
+    from datetime import UTC, datetime
+
+    from smartpush.ledger import Suppression
+    from smartpush.unsubscribe import recipient_hash
+
+    folder = tmp_path / ("par" if parallel else "seq")
+    folder.mkdir()
+    rt = project(folder, url, 6_000)
+    try:
+        assert rt.config is not None
+        campaign = CAMPAIGN.format(name="rappel").replace("category: service", "category: information")
+        campaign = campaign.replace(
+            '  where: "age >= 18"\n', '  where: "age >= 18"\n  exclude_reached: 30d\n'
+        )
+        (folder / "main.yaml").write_text(campaign, encoding="utf-8")
+        rows = people(6_000).splitlines()
+        (folder / "prior.csv").write_text("\n".join(rows[:1] + rows[1::7]) + "\n", encoding="utf-8")
+        (folder / "prior.yaml").write_text(campaign.replace("people.csv", "prior.csv"), encoding="utf-8")
+        key = rt.config.secret_key()
+        now = datetime.now(UTC)
+        rt.ledger.suppress(
+            [
+                Suppression(
+                    "sms", recipient_hash(key, "sms", f"+336{12345600 + i:08d}"), "opt-out", "test", now
+                )
+                for i in range(0, 6_000, 13)
+            ]
+            + [
+                Suppression(
+                    "email", recipient_hash(key, "email", f"p{i}@example.fr"), "hard-bounce", "test", now
+                )
+                for i in range(0, 6_000, 17)
+            ]
+        )
+        sequential(monkeypatch)
+        prior, _ = split(rt, folder, "prior", parallel=False)  # still queued: its recipients count as reached
+        monkeypatch.setattr(launching, "PARALLEL_MIN_BYTES", 0 if parallel else 1 << 62)
+        started: list[object] = []
+        real_start = launching._Readers.start
+
+        def start(*args: Any) -> Any:
+            started.append(readers := real_start(*args))
+            return readers
+
+        monkeypatch.setattr(launching._Readers, "start", start)
+        done, queued = split(rt, folder, "main", parallel=parallel)
+        assert (started[0] is not None) is parallel  # read by forked readers, or in this process
+        counts = tuple(
+            getattr(done, c)
+            for c in (
+                "recipients",
+                "filtered",
+                "duplicates",
+                "invalid_rows",
+                "suppressed",
+                "reached_recently",
+                "capped",
+            )
+        )
+        return counts, stored(url, done.run.id)[1:], [s for _, s in queued], prior.recipients
+    finally:
+        rt.close()
+
+
+def test_a_split_in_several_processes_applies_the_suppression_list_and_exclude_reached_as_one_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_chunks: None
+) -> None:
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        schemas = [f"split_{secrets.token_hex(6)}" for _ in range(2)]
+        for schema in schemas:
+            admin.execute(f"CREATE SCHEMA {schema}")
+        try:
+            par, seq = (
+                screened_split(
+                    tmp_path,
+                    f"{PG_URL}?options=-csearch_path%3D{schema}",
+                    parallel=p,
+                    monkeypatch=monkeypatch,
+                )
+                for schema, p in zip(schemas, (True, False), strict=True)
+            )
+        finally:
+            for schema in schemas:
+                admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    assert par == seq
+    counts = dict(
+        zip(
+            ("recipients", "filtered", "duplicates", "invalid", "suppressed", "reached", "capped"),
+            par[0],
+            strict=True,
+        )
+    )
+    assert counts["suppressed"] > 300 and counts["reached"] > 500  # both really happened
+    statuses = {(m[2], m[5], m[8]) for m in par[1][0]}  # channel, status, error code
+    assert ("sms", "suppressed", "opt-out") in statuses and ("sms", "skipped", "reached-recently") in statuses
