@@ -9,8 +9,9 @@ what they receive; a row whose counts do not match says LOST MESSAGES.
 
 Scenarios: sms (webhook, no delay), sms-50ms (the provider answers in 50 ms), email (smtp, text + HTML),
 push (fcm against an FCM-shaped sink), mixed (push → sms → email, first-reachable), launch (send
---detach with no worker), plan, report (--format csv), receipts (absorbed by serve). Scales: tiny (~500
-messages, seconds), small (~10k, a couple of minutes), full (100k-1M: on a quiet machine only).
+--detach with no worker), launch-suppressed (the same, every 10th phone on the suppression list), plan,
+report (--format csv), receipts (absorbed by serve). Scales: tiny (~500 messages, seconds), small
+(~10k, a couple of minutes), full (100k-1M: on a quiet machine only).
 
 Columns: wall s from `send` to the run being finished; CPU µs/msg of the smartpush processes (launcher
 + worker tree, sampled from /proc) and, apart, of redis-server + every postgres process (server-wide:

@@ -348,22 +348,59 @@ def mixed(opts: Options) -> list[Row]:
         smtp.close()
 
 
-def launch(opts: Options) -> list[Row]:
-    """``send --detach`` with no worker: split, ledger rows, segments queued."""
+def launch(opts: Options, suppressed_share: int = 0) -> list[Row]:
+    """``send --detach`` with no worker: split, ledger rows, segments queued; with ``suppressed_share``
+    (every Nth row's phone on the suppression list, as hard bounces), the list checked too."""
+    label = "launch (split + ledger + enqueue)"
     with Project("launch") as project:
         project.write_config(providers_yaml(opts, None, None))
         campaign, expected = write_campaign(project, ["sms"], opts.scale.launch, complete=True)
+        if suppressed_share:
+            listed = suppress_phones(project, suppressed_share)
+            label = f"launch, {listed:,} phones on the suppression list"
         meter = Meter(project.db_name)
         meter.start()
         done = run_measured([SMARTPUSH, "send", campaign, "--yes", "--detach", "--json"], project.root)
         meter.stop()
-        row = meter.fill(Row("launch (split + ledger + enqueue)", expected, done.wall_s, done.cpu_s))
+        row = meter.fill(Row(label, expected, done.wall_s, done.cpu_s))
         row.peak_rss_mib = done.peak_rss_mib
         counts = ledger_counts(project.db_url, done.json()["run_id"])
         row.messages = sum(counts.values())
         row.ok = row.messages == expected
         row.notes.append(f"launch: ledger {counts}; the command's whole time, Python start-up included")
     return [row]
+
+
+def suppress_phones(project: Project, every: int) -> int:
+    """Put every ``every``-th row's phone of the audience on the suppression list; returns how many."""
+    import csv
+    from datetime import UTC, datetime
+
+    from smartpush.addresses import normalise_phone
+    from smartpush.config import load_config
+    from smartpush.errors import RecipientError
+    from smartpush.ledger import Suppression
+    from smartpush.runtime import Runtime
+    from smartpush.unsubscribe import recipient_hash
+
+    rt = Runtime(load_config(project.config, env={}))
+    try:
+        rt.ledger.migrate()
+        key, now = rt.config.secret_key(), datetime.now(UTC)
+        entries = []
+        with (project.root / "audience.csv").open(encoding="utf-8", newline="") as f:
+            for i, row in enumerate(csv.DictReader(f, delimiter=";")):
+                if i % every == 0 and row["phone"]:
+                    try:
+                        phone = normalise_phone(row["phone"])
+                    except RecipientError:
+                        continue
+                    entries.append(
+                        Suppression("sms", recipient_hash(key, "sms", phone), "hard-bounce", "bench", now)
+                    )
+        return rt.ledger.suppress(entries)
+    finally:
+        rt.close()
 
 
 def plan(opts: Options) -> list[Row]:
@@ -459,6 +496,7 @@ SCENARIOS: dict[str, Callable[[Options], list[Row]]] = {
     "push": push,
     "mixed": mixed,
     "launch": launch,
+    "launch-suppressed": lambda opts: launch(opts, suppressed_share=10),
     "plan": plan,
     "report": report,
     "receipts": receipts_scenario,
