@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain, pairwise
@@ -19,7 +20,7 @@ from typing import IO, Any
 
 from smartpush.errors import AudienceError, Problem
 
-__all__ = ["AudienceFile", "Row", "Shard"]
+__all__ = ["AudienceFile", "Row", "Shard", "ignore_interrupts"]
 
 _CSV_SUFFIXES = (".csv",)
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -31,6 +32,12 @@ _MIN_SHARD_BYTES = 4 << 20
 _WHERE = (
     "paths are relative to the project folder: the folder holding smartpush.yaml, or the current directory"
 )
+
+
+def ignore_interrupts() -> None:
+    """The initializer of a process forked to read shards: Ctrl-C reaches every process of the
+    terminal's group, and the one that forked the readers stops them itself (no traceback from each)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass(frozen=True, slots=True)

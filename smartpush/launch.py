@@ -40,7 +40,7 @@ from multiprocessing.pool import Pool as ProcessPool
 from pathlib import Path
 from typing import Any
 
-from .audience import Row, Shard
+from .audience import Row, Shard, ignore_interrupts
 from .campaign import Category
 from .dedup import SeenIds
 from .ledger import Ledger, NewMessage, NewRecipient, RunRecord, RunState, SplitText, Status
@@ -481,7 +481,7 @@ class _Readers:
             return None
         _FORKED = _Forked(prepared, needed, run_id, screen, reach, rt.ledger)
         try:
-            pool = multiprocessing.get_context("fork").Pool(processes)
+            pool = multiprocessing.get_context("fork").Pool(processes, initializer=ignore_interrupts)
         finally:
             _FORKED = None
         return cls(pool, shards, processes)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from .audience import Row, Shard
+from .audience import Row, Shard, ignore_interrupts
 from .dedup import SeenIds
 from .loading import PreparedCampaign
 from .provider import SmsProviderOptions
@@ -200,7 +200,7 @@ def _scans(prepared: PreparedCampaign, processes: int) -> tuple[list[_Scan], int
         return [_scan(prepared, prepared.audience)], 1
     _FORKED = prepared
     try:
-        with multiprocessing.get_context("fork").Pool(len(shards)) as pool:
+        with multiprocessing.get_context("fork").Pool(len(shards), initializer=ignore_interrupts) as pool:
             return pool.map(_scan_shard, shards, chunksize=1), len(shards)
     finally:
         _FORKED = None

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from servers import PG_URL
+from servers import PG_URL, flushed_redis, needs_services
 
 from smartpush import launch as launching
 from smartpush.config import load_config
@@ -341,3 +341,72 @@ def test_a_split_in_several_processes_applies_the_suppression_list_and_exclude_r
     assert counts["suppressed"] > 300 and counts["reached"] > 500  # both really happened
     statuses = {(m[2], m[5], m[8]) for m in par[1][0]}  # channel, status, error code
     assert ("sms", "suppressed", "opt-out") in statuses and ("sms", "skipped", "reached-recently") in statuses
+
+
+@needs_services(4)
+def test_ctrl_c_during_a_split_in_several_processes_then_the_same_key_finishes_it(
+    tmp_path: Path, schema_url: str
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import smartpush_exe
+
+    rows = 220_000  # 9+ MiB: the real threshold, read by forked readers
+    (tmp_path / "people.csv").write_text(people(rows), encoding="utf-8")
+    assert (tmp_path / "people.csv").stat().st_size >= launching.PARALLEL_MIN_BYTES
+    (tmp_path / "c.yaml").write_text(CAMPAIGN.format(name="gros"), encoding="utf-8")
+    command = [smartpush_exe(), "send", "c.yaml", "--yes", "--detach", "--key", "gros-1"]
+    env = {**os.environ, "NO_COLOR": "1"}
+    with flushed_redis(4) as broker:  # a broker: --detach launches only, no worker sends
+        (tmp_path / "smartpush.yaml").write_text(
+            f"database: {schema_url}\nbroker: {broker}\n"
+            "providers:\n  sms: {type: outbox}\n  mail: {type: outbox}\n",
+            encoding="utf-8",
+        )
+        launcher = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=env,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        with psycopg.connect(schema_url, autocommit=True) as conn:
+            while time.monotonic() < deadline and launcher.poll() is None:
+                table = conn.execute("SELECT to_regclass('recipients') IS NOT NULL").fetchone()
+                stored_yet = table is not None and table[0]
+                if stored_yet and (conn.execute("SELECT count(*) FROM recipients").fetchone() or (0,))[0]:
+                    break  # the split has stored its first batches
+                time.sleep(0.02)
+        os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C reaches the whole group, readers included
+        _, err = launcher.communicate(timeout=60)
+        assert "Traceback" not in err and "ForkPoolWorker" not in err, err[-2000:]
+        again = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert again.returncode == 0, again.stderr[-2000:]
+    with psycopg.connect(schema_url) as conn:
+        ((complete, recipients),) = conn.execute("SELECT split_complete, recipients FROM runs").fetchall()
+        stored_rows = conn.execute("SELECT count(*) FROM recipients").fetchone()
+    assert complete and stored_rows is not None and stored_rows[0] == recipients
+    # every row of the file once: the ones not filtered out and not duplicates of an earlier one
+    expected = Runtime(load_config(tmp_path / "smartpush.yaml", env={}))
+    try:
+        assert expected.config is not None
+        prepared = load_campaign(tmp_path / "c.yaml", expected.config)
+        seen: set[str] = set()
+        kept = 0
+        for outcome in launching.Evaluator(prepared, render="none", dedup=False).over(prepared.audience):
+            if outcome.kind == "invalid":
+                kept += 1
+            elif outcome.kind == "recipient" and outcome.recipient_id not in seen:
+                seen.add(outcome.recipient_id or "")
+                kept += 1
+        assert recipients == kept
+    finally:
+        expected.close()
