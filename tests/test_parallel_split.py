@@ -153,9 +153,9 @@ def test_a_split_in_several_processes_stores_what_one_process_stores(
         forks: list[int] = []
         real_pool = launching.multiprocessing.get_context("fork").Pool
 
-        def counting_pool(processes: int) -> Any:
+        def counting_pool(processes: int, **options: Any) -> Any:
             forks.append(processes)
-            return real_pool(processes)
+            return real_pool(processes, **options)
 
         class Context:
             Pool = staticmethod(counting_pool)
