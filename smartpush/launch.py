@@ -9,7 +9,7 @@ ledger's unique keys make a repeated row harmless.
 A new run's large audience (:data:`PARALLEL_MIN_BYTES`, PostgreSQL ledger, a file whose lines can be
 cut apart) is read by several forked processes, a chunk of lines each, which check the rows and format
 them for PostgreSQL's COPY; the launching process numbers them in file order, drops duplicate ids and
-hands the batches to two writer threads (1,000,000 recipients: 35,700 → 67,800 a second on a 2-core
+hands the batches to two writer threads (1,000,000 recipients: 40,678 → 64,625 a second on a 2-core
 VM, bench/RESULTS.md). The readers also apply the suppression list and the per-recipient limits
 (``exclude_reached``, ``limits.per_recipient``), each with a ledger connection of its own. What is
 stored is exactly what one process would store (tests/test_parallel_split.py).
@@ -38,7 +38,6 @@ from datetime import UTC, datetime, timedelta
 from multiprocessing.pool import AsyncResult
 from multiprocessing.pool import Pool as ProcessPool
 from pathlib import Path
-from typing import Any
 
 from .audience import Row, Shard, ignore_interrupts
 from .campaign import Category
@@ -46,7 +45,7 @@ from .dedup import SeenIds
 from .ledger import Ledger, NewMessage, NewRecipient, RunRecord, RunState, SplitText, Status
 from .loading import PreparedCampaign
 from .metrics import count_launched, count_launched_tally
-from .recipients import Evaluator
+from .recipients import Evaluator, RecipientOutcome
 from .runtime import Runtime
 from .sending import log_run_finished
 from .suppression import lookup, stops, suppressed_text
@@ -226,49 +225,14 @@ def _split(
             if outcome.kind == "duplicate":
                 result.duplicates += 1
                 continue
-            segment = index // size
+            recipient, made = _stored_row(prepared, outcome, needed, index // size)
             index += 1
             if outcome.kind == "invalid":
                 result.invalid_rows += 1
-                rid = f"#line:{outcome.line}"
-                recipients.append(NewRecipient(rid, segment, outcome.line, {}))
-                for i, channel in enumerate(prepared.channels):
-                    messages.append(
-                        NewMessage(
-                            new_id(),
-                            rid,
-                            segment,
-                            str(channel.channel),
-                            i,
-                            channel.providers[0],
-                            Status.INVALID,
-                            error_code="bad-row",
-                            error_text=outcome.reason,
-                        )
-                    )
-                continue
-            rid = outcome.recipient_id or ""
-            result.recipients += 1
-            data = outcome.data or {}
-            recipients.append(
-                NewRecipient(rid, segment, outcome.line, {k: data[k] for k in needed if k in data})
-            )
-            for i, ch in enumerate(outcome.channels):
-                status = _STATUS[ch.status]
-                messages.append(
-                    NewMessage(
-                        new_id(),
-                        rid,
-                        segment,
-                        str(ch.channel.channel),
-                        i,
-                        ch.channel.providers[0],
-                        status,
-                        address=ch.address,
-                        error_code=ch.code,
-                        error_text=ch.reason,
-                    )
-                )
+            else:
+                result.recipients += 1
+            recipients.append(recipient)
+            messages += made
             if len(recipients) >= SPLIT_BATCH:
                 flush()
     except BaseException:
@@ -313,6 +277,47 @@ def _split(
         log_run_finished(ledger, result.run, finished)
 
 
+def _stored_row(
+    prepared: PreparedCampaign, outcome: RecipientOutcome, needed: Iterable[str], segment: int
+) -> tuple[NewRecipient, list[NewMessage]]:
+    """The recipient row and message rows the split stores for a recipient or an invalid row."""
+    if outcome.kind == "invalid":
+        rid = f"#line:{outcome.line}"
+        return NewRecipient(rid, segment, outcome.line, {}), [
+            NewMessage(
+                new_id(),
+                rid,
+                segment,
+                str(channel.channel),
+                i,
+                channel.providers[0],
+                Status.INVALID,
+                error_code="bad-row",
+                error_text=outcome.reason,
+            )
+            for i, channel in enumerate(prepared.channels)
+        ]
+    rid = outcome.recipient_id or ""
+    data = outcome.data or {}
+    # Data minimisation: a recipient's stored row keeps only what its messages are rendered from.
+    recipient = NewRecipient(rid, segment, outcome.line, {k: data[k] for k in needed if k in data})
+    return recipient, [
+        NewMessage(
+            new_id(),
+            rid,
+            segment,
+            str(ch.channel.channel),
+            i,
+            ch.channel.providers[0],
+            _STATUS[ch.status],
+            address=ch.address,
+            error_code=ch.code,
+            error_text=ch.reason,
+        )
+        for i, ch in enumerate(outcome.channels)
+    ]
+
+
 @dataclass
 class _Forked:
     """What the reading processes inherit when they are forked (templates don't pickle)."""
@@ -336,7 +341,9 @@ class _Forked:
 _FORKED: _Forked | None = None
 _READER_LEDGER: Ledger | None = None
 
-Signature = tuple[tuple[str, str, str], ...]  # (channel, account, status) of a row's messages
+#: A stored row's kind: (channel, account, status) of its messages, and 0, or 1 when it was left out by
+#: ``exclude_reached``, 2 by ``limits.per_recipient``.
+Signature = tuple[tuple[tuple[str, str, str], ...], int]
 
 
 @dataclass
@@ -352,8 +359,6 @@ class _Chunk:
     messages: list[tuple[str, ...]] = field(default_factory=list)  # its message rows up to the segment
     kinds: array[int] = field(default_factory=lambda: array("I"))  # its index in ``signatures``
     signatures: list[Signature] = field(default_factory=list)
-    suppressed: array[int] = field(default_factory=lambda: array("I"))  # its messages suppressed
-    left_out: bytes = b""  # per row: 0, or 1 (exclude_reached) or 2 (per_recipient) when left out
 
 
 def _read_chunk(shard: Shard) -> _Chunk:
@@ -363,7 +368,7 @@ def _read_chunk(shard: Shard) -> _Chunk:
     prepared = forked.prepared
     chunk = _Chunk()
     try:
-        rows: list[tuple[int, str, int, dict[str, Any], list[NewMessage]]] = []  # line, id, key, ...
+        rows: list[tuple[NewRecipient, int, list[NewMessage]]] = []  # with its id's SeenIds key (0: invalid)
         for outcome in Evaluator(prepared, render="none", keep_data=True, dedup=False).over(
             prepared.audience.rows(shard)
         ):
@@ -371,63 +376,26 @@ def _read_chunk(shard: Shard) -> _Chunk:
             if outcome.kind == "filtered":
                 chunk.filtered += 1
                 continue
-            if outcome.kind == "invalid":
-                rid = f"#line:{outcome.line}"
-                messages = [
-                    NewMessage(
-                        new_id(),
-                        rid,
-                        0,
-                        str(channel.channel),
-                        i,
-                        channel.providers[0],
-                        Status.INVALID,
-                        error_code="bad-row",
-                        error_text=outcome.reason,
-                    )
-                    for i, channel in enumerate(prepared.channels)
-                ]
-                rows.append((outcome.line, rid, 0, {}, messages))
-                continue
-            rid = outcome.recipient_id or ""
-            data = outcome.data or {}
-            messages = [
-                NewMessage(
-                    new_id(),
-                    rid,
-                    0,
-                    str(ch.channel.channel),
-                    i,
-                    ch.channel.providers[0],
-                    _STATUS[ch.status],
-                    address=ch.address,
-                    error_code=ch.code,
-                    error_text=ch.reason,
-                )
-                for i, ch in enumerate(outcome.channels)
-            ]
-            context = {k: data[k] for k in forked.needed if k in data}
-            rows.append((outcome.line, rid, SeenIds.key(rid), context, messages))
+            recipient, messages = _stored_row(prepared, outcome, forked.needed, 0)
+            key = SeenIds.key(recipient.recipient_id) if outcome.kind == "recipient" else 0
+            rows.append((recipient, key, messages))
         if forked.screen is not None or forked.reach is not None:
-            _screen_chunk(forked, [m for row in rows for m in row[4]])
+            _screen_chunk(forked, [m for row in rows for m in row[2]])
         text = SplitText(forked.run_id, datetime.now(UTC))
         kinds: dict[Signature, int] = {}
-        left_out = bytearray()
-        for line, rid, key, context, messages in rows:
-            chunk.lines.append(line)
+        for recipient, key, messages in rows:
+            chunk.lines.append(recipient.line)
             chunk.keys.append(key)
-            chunk.recipients.append(text.recipient(rid, line, context))
+            chunk.recipients.append(text.recipient(recipient))
             chunk.messages.append(tuple(text.message(m) for m in messages))
-            signature = tuple((m.channel, m.provider, m.status.value) for m in messages)
+            codes = {m.error_code for m in messages}
+            left_out = 1 if REACHED_RECENTLY in codes else 2 if FREQUENCY_CAP in codes else 0
+            signature = (tuple((m.channel, m.provider, m.status.value) for m in messages), left_out)
             kind = kinds.get(signature)
             if kind is None:
                 kind = kinds[signature] = len(chunk.signatures)
                 chunk.signatures.append(signature)
             chunk.kinds.append(kind)
-            chunk.suppressed.append(sum(1 for m in messages if m.status is Status.SUPPRESSED))
-            codes = {m.error_code for m in messages}
-            left_out.append(1 if REACHED_RECENTLY in codes else 2 if FREQUENCY_CAP in codes else 0)
-        chunk.left_out = bytes(left_out)
     except Exception:  # read again by the launching process, which reports it
         return _Chunk(failed=True)
     return chunk
@@ -531,7 +499,6 @@ class _Readers:
                         result.recipients += 1
                     else:
                         result.invalid_rows += 1
-                    writer.count(chunk.suppressed[i], chunk.left_out[i])
                     end = f"{index // size}\n"
                     index += 1
                     recipients += (chunk.recipients[i], end)
@@ -754,14 +721,6 @@ class _Writer:
         """:meth:`put` for rows in COPY text form, with the count of their messages by signature."""
         self._hand(_TextBatch(recipients, messages, tally), last_line, index)
 
-    def count(self, suppressed: int, left_out: int) -> None:
-        """A row screened by a reader: its messages suppressed, and whether it was left out as reached
-        recently (1, ``exclude_reached``) or by the frequency cap (2, ``per_recipient``)."""
-        with self._lock:
-            self.suppressed += suppressed
-            self.reached_recently += left_out == 1
-            self.capped += left_out == 2  # noqa: PLR2004 - the per_recipient mark
-
     def _hand(self, batch: _Batch | _TextBatch, last_line: int, index: int) -> None:
         if self.error is not None:
             self.finish()
@@ -791,9 +750,12 @@ class _Writer:
                         self.run_id, batch.recipients, batch.messages, fresh=self.fresh
                     )
                     counts: Counter[tuple[str, str, str]] = Counter()
-                    for signature, n in batch.tally.items():
-                        for triple in signature:
+                    for (triples, left_out), n in batch.tally.items():
+                        for triple in triples:
                             counts[triple] += n
+                        suppressed += n * sum(1 for t in triples if t[2] == Status.SUPPRESSED.value)
+                        own += n * (left_out == 1)
+                        capped += n * (left_out == 2)  # noqa: PLR2004 - the per_recipient mark
                     count_launched_tally(self.campaign, counts)
                     recipients: list[NewRecipient] = []
                 else:

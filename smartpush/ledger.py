@@ -178,6 +178,18 @@ def _copy_value(value: str | None) -> str:
     return value.translate(_COPY_ESCAPES) if _COPY_SPECIAL.search(value) else value
 
 
+#: Rows for COPY: tuples of values in the driver's form, or text already in COPY's text format.
+_CopyData = list[tuple[Any, ...]] | str
+
+
+def _write_copy(copy: Any, rows: _CopyData) -> None:
+    if isinstance(rows, str):
+        copy.write(rows)
+        return
+    for row in rows:
+        copy.write_row(row)
+
+
 class SplitText:
     """Split rows in PostgreSQL's COPY text form, made where the rows are read (in another process)
     and stored by :meth:`Ledger.add_split_text`.
@@ -196,8 +208,9 @@ class SplitText:
         self.run = _copy_value(run_id)
         self.stamp = now.astimezone(UTC).isoformat()
 
-    def recipient(self, recipient_id: str, line: int, context: Mapping[str, Any]) -> str:
-        return f"{self.run}\t{_copy_value(recipient_id)}\t{line}\t{_copy_value(_json(context))}\t"
+    def recipient(self, recipient: NewRecipient) -> str:
+        context = _copy_value(_json(dict(recipient.context)))
+        return f"{self.run}\t{_copy_value(recipient.recipient_id)}\t{recipient.line}\t{context}\t"
 
     def message(self, message: NewMessage) -> str:
         status = Status(message.status)
@@ -572,17 +585,28 @@ class Ledger:
             )
             for m in messages
         ]
+        self._store_split(
+            run_id,
+            ((recipients_t, _RECIPIENT_KEYS, recipient_rows), (messages_t, _MESSAGE_KEYS, message_rows)),
+            fresh=fresh,
+        )
+
+    def _store_split(
+        self, run_id: str, parts: tuple[tuple[Table, tuple[str, ...], _CopyData], ...], *, fresh: bool
+    ) -> None:
+        """Each part's rows into its table, in one transaction: copied straight in when ``fresh`` (on
+        PostgreSQL), and written again the careful way should a row be there after all."""
         if fresh and self._postgresql:
             try:
                 with self._tx() as conn:
-                    self._copy_direct(conn, recipients_t, _RECIPIENT_KEYS, recipient_rows)
-                    self._copy_direct(conn, messages_t, _MESSAGE_KEYS, message_rows)
+                    for table, keys, data in parts:
+                        self._copy_direct(conn, table, keys, data)
                 return
             except IntegrityError:
                 _log.warning("split batch of run %s partly stored already: written again", run_id)
         with self._tx() as conn:
-            self._insert_many(conn, recipients_t, _RECIPIENT_KEYS, recipient_rows)
-            self._insert_many(conn, messages_t, _MESSAGE_KEYS, message_rows)
+            for table, keys, data in parts:
+                self._insert_many(conn, table, keys, data)
 
     def split_recipients(self, run_id: str, through_line: int) -> Iterator[tuple[str, int]]:
         """(recipient id, line) of the recipients ``run_id``'s split stored from lines up to
@@ -611,44 +635,16 @@ class Ledger:
         """
         if not self._postgresql:
             raise ValueError("rows in COPY text form are for PostgreSQL")
-        if fresh:
-            try:
-                with self._tx() as conn:
-                    self._copy_text(conn, recipients_t.name, SplitText.RECIPIENT_COLUMNS, recipients)
-                    self._copy_text(conn, messages_t.name, SplitText.MESSAGE_COLUMNS, messages)
-                return
-            except IntegrityError:
-                _log.warning("split batch of run %s partly stored already: written again", run_id)
-        with self._tx() as conn:
-            for table, columns, text in (
+        self._store_split(
+            run_id,
+            (
                 (recipients_t, SplitText.RECIPIENT_COLUMNS, recipients),
                 (messages_t, SplitText.MESSAGE_COLUMNS, messages),
-            ):
-                batch = f"smartpush_{table.name}_batch"
-                conn.exec_driver_sql(
-                    f"CREATE TEMPORARY TABLE IF NOT EXISTS {batch} (LIKE {table.name}) ON COMMIT DELETE ROWS"
-                )
-                self._copy_text(conn, batch, columns, text)
-                names = ", ".join(columns)
-                conn.exec_driver_sql(
-                    f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {batch} ON CONFLICT DO NOTHING"
-                )
+            ),
+            fresh=fresh,
+        )
 
-    def _copy_text(self, conn: Connection, table: str, columns: tuple[str, ...], text: str) -> None:
-        if not text:
-            return
-        statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
-        driver: Any = conn.connection.driver_connection
-        dbapi_error: Any = self._engine.dialect.loaded_dbapi.Error
-        try:
-            with driver.cursor() as cursor, cursor.copy(statement) as copy:
-                copy.write(text)
-        except dbapi_error as exc:
-            raise DBAPIError.instance(statement, None, exc, dbapi_error) from exc
-
-    def _insert_many(
-        self, conn: Connection, table: Table, keys: tuple[str, ...], rows: list[tuple[Any, ...]]
-    ) -> None:
+    def _insert_many(self, conn: Connection, table: Table, keys: tuple[str, ...], rows: _CopyData) -> None:
         """INSERT ... ON CONFLICT DO NOTHING of ``rows``, values already in the driver's form.
 
         Straight to the driver, because SQLAlchemy's per-value processing cost more than the insert
@@ -661,6 +657,8 @@ class Ledger:
         if self._postgresql:
             self._copy_insert(conn, table, keys, rows)
             return
+        if isinstance(rows, str):
+            raise ValueError("rows in COPY text form are for PostgreSQL")
         if table.name not in self._inserts:
             compiled = self._insert_ignore(table).compile(
                 dialect=self._engine.dialect, column_keys=list(keys)
@@ -674,9 +672,7 @@ class Ledger:
             rows = [tuple(row[i] for i in order) for row in rows]
         conn.exec_driver_sql(statement, rows)
 
-    def _copy_direct(
-        self, conn: Connection, table: Table, keys: tuple[str, ...], rows: list[tuple[Any, ...]]
-    ) -> None:
+    def _copy_direct(self, conn: Connection, table: Table, keys: tuple[str, ...], rows: _CopyData) -> None:
         """PostgreSQL: COPY ``rows`` straight into ``table`` (a duplicate raises IntegrityError)."""
         if not rows:
             return
@@ -685,14 +681,11 @@ class Ledger:
         dbapi_error: Any = self._engine.dialect.loaded_dbapi.Error
         try:
             with driver.cursor() as cursor, cursor.copy(statement) as copy:
-                for row in rows:
-                    copy.write_row(row)
+                _write_copy(copy, rows)
         except dbapi_error as exc:
             raise DBAPIError.instance(statement, None, exc, dbapi_error) from exc
 
-    def _copy_insert(
-        self, conn: Connection, table: Table, keys: tuple[str, ...], rows: list[tuple[Any, ...]]
-    ) -> None:
+    def _copy_insert(self, conn: Connection, table: Table, keys: tuple[str, ...], rows: _CopyData) -> None:
         columns = ", ".join(keys)
         batch = f"smartpush_{table.name}_batch"
         statement = f"COPY {batch} ({columns}) FROM STDIN"
@@ -704,8 +697,7 @@ class Ledger:
                     f"CREATE TEMPORARY TABLE IF NOT EXISTS {batch} (LIKE {table.name}) ON COMMIT DELETE ROWS"
                 )
                 with cursor.copy(statement) as copy:
-                    for row in rows:
-                        copy.write_row(row)
+                    _write_copy(copy, rows)
                 statement = f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {batch}"
                 cursor.execute(f"{statement} ON CONFLICT DO NOTHING")
         except dbapi_error as exc:  # the same exceptions as every other statement raises

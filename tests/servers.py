@@ -83,6 +83,19 @@ def ledger_of_kind(kind: str, tmp_path: Path, prefix: str) -> Iterator[Ledger]:
         finally:
             led.close()
         return
+    with throwaway_schema(prefix) as url:
+        led = Ledger(url)
+        try:
+            led.migrate()
+            yield led
+        finally:
+            led.close()
+
+
+@contextmanager
+def throwaway_schema(prefix: str) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL schema of its own (dropped afterwards); the test is skipped
+    when PostgreSQL is unreachable."""
     try:
         admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as exc:
@@ -90,10 +103,7 @@ def ledger_of_kind(kind: str, tmp_path: Path, prefix: str) -> Iterator[Ledger]:
     schema = f"{prefix}_{secrets.token_hex(6)}"
     with admin:
         admin.execute(f"CREATE SCHEMA {schema}")
-        led = Ledger(f"{PG_URL}?options=-csearch_path%3D{schema}")
         try:
-            led.migrate()
-            yield led
+            yield f"{PG_URL}?options=-csearch_path%3D{schema}"
         finally:
-            led.close()
             admin.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -7,14 +7,14 @@ few thousand rows give dozens of them (duplicates, invalid and filtered rows lan
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from servers import PG_URL, flushed_redis, needs_services
+from servers import flushed_redis, needs_services, throwaway_schema
 
 from smartpush import launch as launching
 from smartpush.config import load_config
@@ -67,29 +67,32 @@ def people(rows: int) -> str:
 
 @pytest.fixture
 def schema_url() -> Iterator[str]:
-    try:
-        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at {PG_URL} is unreachable ({exc})")
-    schema = f"split_{secrets.token_hex(6)}"
-    with admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-        try:
-            yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-        finally:
-            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    with throwaway_schema("split") as url:
+        yield url
 
 
-def project(tmp_path: Path, url: str, rows: int) -> Runtime:
+@contextmanager
+def opened(tmp_path: Path, url: str, rows: int, settings: str = "") -> Iterator[Runtime]:
+    """A project on ``url`` with ``rows`` audience rows and the campaigns ``seq`` and ``par``."""
     (tmp_path / "smartpush.yaml").write_text(
-        f"database: {url}\nproviders:\n  sms: {{type: outbox}}\n  mail: {{type: outbox}}\n", encoding="utf-8"
+        f"database: {url}\n{settings}providers:\n  sms: {{type: outbox}}\n  mail: {{type: outbox}}\n",
+        encoding="utf-8",
     )
     (tmp_path / "people.csv").write_text(people(rows), encoding="utf-8")
     for name in ("seq", "par"):
         (tmp_path / f"{name}.yaml").write_text(CAMPAIGN.format(name=name), encoding="utf-8")
     rt = Runtime(load_config(tmp_path / "smartpush.yaml", env={}))
-    rt.ledger.migrate()
-    return rt
+    try:
+        rt.ledger.migrate()
+        yield rt
+    finally:
+        rt.close()
+
+
+@pytest.fixture
+def rt(tmp_path: Path, schema_url: str) -> Iterator[Runtime]:
+    with opened(tmp_path, schema_url, 6_000) as runtime:
+        yield runtime
 
 
 def split(
@@ -142,110 +145,99 @@ def launched_counts(campaign: str) -> dict[tuple[str, ...], float]:
 
 
 def test_a_split_in_several_processes_stores_what_one_process_stores(
-    tmp_path: Path, schema_url: str, monkeypatch: pytest.MonkeyPatch, small_chunks: None
+    tmp_path: Path, schema_url: str, rt: Runtime, monkeypatch: pytest.MonkeyPatch, small_chunks: None
 ) -> None:
-    rt = project(tmp_path, schema_url, 6_000)
-    try:
-        assert rt.config is not None
-        prepared = load_campaign(tmp_path / "par.yaml", rt.config)
-        assert len(prepared.audience.shards(40, min_bytes=2048) or []) == 40  # the file can be cut
+    assert rt.config is not None
+    prepared = load_campaign(tmp_path / "par.yaml", rt.config)
+    assert len(prepared.audience.shards(40, min_bytes=2048) or []) == 40  # the file can be cut
 
-        forks: list[int] = []
-        real_pool = launching.multiprocessing.get_context("fork").Pool
+    forks: list[int] = []
+    real_pool = launching.multiprocessing.get_context("fork").Pool
 
-        def counting_pool(processes: int, **options: Any) -> Any:
-            forks.append(processes)
-            return real_pool(processes, **options)
+    def counting_pool(processes: int, **options: Any) -> Any:
+        forks.append(processes)
+        return real_pool(processes, **options)
 
-        class Context:
-            Pool = staticmethod(counting_pool)
+    class Context:
+        Pool = staticmethod(counting_pool)
 
-        monkeypatch.setattr(launching.multiprocessing, "get_context", lambda method: Context)
-        par, par_queued = split(rt, tmp_path, "par", parallel=True)
-        assert forks == [2]  # the readers really were forked
-        monkeypatch.undo()
-        sequential(monkeypatch)
-        seq, seq_queued = split(rt, tmp_path, "seq", parallel=False)
+    monkeypatch.setattr(launching.multiprocessing, "get_context", lambda method: Context)
+    par, par_queued = split(rt, tmp_path, "par", parallel=True)
+    assert forks == [2]  # the readers really were forked
+    monkeypatch.undo()
+    sequential(monkeypatch)
+    seq, seq_queued = split(rt, tmp_path, "seq", parallel=False)
 
-        counts = ("recipients", "filtered", "duplicates", "invalid_rows", "suppressed")
-        assert {c: getattr(par, c) for c in counts} == {c: getattr(seq, c) for c in counts}
-        assert par.duplicates >= 5 and par.filtered > 100 and par.invalid_rows > 5
-        assert stored(schema_url, par.run.id) == stored(schema_url, seq.run.id)
-        recipients, _, (state, complete, _line, segments, total) = stored(schema_url, par.run.id)
-        assert (state, complete) == ("running", True)
-        assert total == len(recipients) == par.recipients + par.invalid_rows
-        # every segment queued once, in order, as the single process queues them
-        assert [s for _, s in par_queued] == [s for _, s in seq_queued] == list(range(segments))
-        # the tab and the backslash of a name went through COPY's escaping unchanged
-        assert json.loads(next(r[3] for r in recipients if r[0] == "50"))["prenom"] == "Zoé\\50\tA"
-        assert launched_counts("par") == launched_counts("seq")
-    finally:
-        rt.close()
+    counts = ("recipients", "filtered", "duplicates", "invalid_rows", "suppressed")
+    assert {c: getattr(par, c) for c in counts} == {c: getattr(seq, c) for c in counts}
+    assert par.duplicates >= 5 and par.filtered > 100 and par.invalid_rows > 5
+    assert stored(schema_url, par.run.id) == stored(schema_url, seq.run.id)
+    recipients, _, (state, complete, _line, segments, total) = stored(schema_url, par.run.id)
+    assert (state, complete) == ("running", True)
+    assert total == len(recipients) == par.recipients + par.invalid_rows
+    # every segment queued once, in order, as the single process queues them
+    assert [s for _, s in par_queued] == [s for _, s in seq_queued] == list(range(segments))
+    # the tab and the backslash of a name went through COPY's escaping unchanged
+    assert json.loads(next(r[3] for r in recipients if r[0] == "50"))["prenom"] == "Zoé\\50\tA"
+    assert launched_counts("par") == launched_counts("seq")
 
 
 def test_a_parallel_split_that_dies_is_finished_by_launching_again(
-    tmp_path: Path, schema_url: str, small_chunks: None, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, schema_url: str, rt: Runtime, small_chunks: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rt = project(tmp_path, schema_url, 6_000)
-    try:
 
-        class Died(Exception):
-            pass
+    class Died(Exception):
+        pass
 
-        def dying(run: str, segment: int) -> None:
-            if segment == 60:
-                raise Died
+    def dying(run: str, segment: int) -> None:
+        if segment == 60:
+            raise Died
 
-        with pytest.raises(Died):
-            split(rt, tmp_path, "par", parallel=True, enqueue=dying, key="k")
-        run = rt.ledger.find_run("k")
-        assert run is not None and not run.split_complete and run.recipients >= 60 * 37
-        again, queued = split(rt, tmp_path, "par", parallel=True, key="k")
-        assert again.resumed and again.run.id == run.id
-        sequential(monkeypatch)
-        seq, _ = split(rt, tmp_path, "seq", parallel=False)
-        assert stored(schema_url, run.id)[1] == stored(schema_url, seq.run.id)[1]
-        # nothing was sent yet: the relaunch queues every segment again (a queued one may be lost)
-        assert sorted({s for _, s in queued}) == list(range(again.run.segments))
-    finally:
-        rt.close()
+    with pytest.raises(Died):
+        split(rt, tmp_path, "par", parallel=True, enqueue=dying, key="k")
+    run = rt.ledger.find_run("k")
+    assert run is not None and not run.split_complete and run.recipients >= 60 * 37
+    again, queued = split(rt, tmp_path, "par", parallel=True, key="k")
+    assert again.resumed and again.run.id == run.id
+    sequential(monkeypatch)
+    seq, _ = split(rt, tmp_path, "seq", parallel=False)
+    assert stored(schema_url, run.id)[1] == stored(schema_url, seq.run.id)[1]
+    # nothing was sent yet: the relaunch queues every segment again (a queued one may be lost)
+    assert sorted({s for _, s in queued}) == list(range(again.run.segments))
 
 
 def test_a_chunk_that_cannot_be_read_is_reported_as_one_process_reports_it(
-    tmp_path: Path, schema_url: str, small_chunks: None, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, schema_url: str, rt: Runtime, small_chunks: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rt = project(tmp_path, schema_url, 6_000)
-    try:
-        for name in ("par", "seq"):  # a file said to be UTF-8, with a byte that is not, far down
-            path = tmp_path / f"{name}.yaml"
-            path.write_text(path.read_text().replace("  id: id\n", "  id: id\n  encoding: utf-8\n"))
-        data = (tmp_path / "people.csv").read_bytes()
-        cut = data.index(b"\n5000;")
-        (tmp_path / "people.csv").write_bytes(data[:cut] + b"\n5000;\xff\xfe;40;lundi;;" + data[cut:])
-        with pytest.raises(Exception) as parallel_error:
-            split(rt, tmp_path, "par", parallel=True, key="p")
-        sequential(monkeypatch)
-        with pytest.raises(Exception) as sequential_error:
-            split(rt, tmp_path, "seq", parallel=False, key="s")
-        assert str(parallel_error.value) == str(sequential_error.value).replace("seq.yaml", "par.yaml")
-        par, seq = rt.ledger.find_run("p"), rt.ledger.find_run("s")
-        assert par is not None and seq is not None and not par.split_complete
-        assert 0 < par.recipients < 5000 and par.split_line < 5002  # what was read before it is stored
-        # the officer fixes the line and launches again with the same key: both runs end the same
-        (tmp_path / "people.csv").write_bytes(data[:cut] + b"\n5000;Zo\xc3\xa9;40;lundi;;" + data[cut:])
-        monkeypatch.setattr(launching, "PARALLEL_MIN_BYTES", 0)
-        assert split(rt, tmp_path, "par", parallel=True, key="p")[0].resumed
-        sequential(monkeypatch)
-        assert split(rt, tmp_path, "seq", parallel=False, key="s")[0].resumed
-        assert stored(schema_url, par.id)[1:] == stored(schema_url, seq.id)[1:]
-    finally:
-        rt.close()
+    for name in ("par", "seq"):  # a file said to be UTF-8, with a byte that is not, far down
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(path.read_text().replace("  id: id\n", "  id: id\n  encoding: utf-8\n"))
+    data = (tmp_path / "people.csv").read_bytes()
+    cut = data.index(b"\n5000;")
+    (tmp_path / "people.csv").write_bytes(data[:cut] + b"\n5000;\xff\xfe;40;lundi;;" + data[cut:])
+    with pytest.raises(Exception) as parallel_error:
+        split(rt, tmp_path, "par", parallel=True, key="p")
+    sequential(monkeypatch)
+    with pytest.raises(Exception) as sequential_error:
+        split(rt, tmp_path, "seq", parallel=False, key="s")
+    assert str(parallel_error.value) == str(sequential_error.value).replace("seq.yaml", "par.yaml")
+    par, seq = rt.ledger.find_run("p"), rt.ledger.find_run("s")
+    assert par is not None and seq is not None and not par.split_complete
+    assert 0 < par.recipients < 5000 and par.split_line < 5002  # what was read before it is stored
+    # the officer fixes the line and launches again with the same key: both runs end the same
+    (tmp_path / "people.csv").write_bytes(data[:cut] + b"\n5000;Zo\xc3\xa9;40;lundi;;" + data[cut:])
+    monkeypatch.setattr(launching, "PARALLEL_MIN_BYTES", 0)
+    assert split(rt, tmp_path, "par", parallel=True, key="p")[0].resumed
+    sequential(monkeypatch)
+    assert split(rt, tmp_path, "seq", parallel=False, key="s")[0].resumed
+    assert stored(schema_url, par.id)[1:] == stored(schema_url, seq.id)[1:]
 
 
 def screened_split(
     tmp_path: Path, url: str, *, parallel: bool, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[Any, ...]:
-    """A campaign with a suppression list and ``exclude_reached``, after an earlier run of it."""
+    """A campaign with a suppression list, ``exclude_reached`` and ``limits.per_recipient``, after an
+    earlier run of it and a run of another campaign."""
     from datetime import UTC, datetime
 
     from smartpush.ledger import Suppression
@@ -253,8 +245,7 @@ def screened_split(
 
     folder = tmp_path / ("par" if parallel else "seq")
     folder.mkdir()
-    rt = project(folder, url, 6_000)
-    try:
+    with opened(folder, url, 6_000, settings="limits:\n  per_recipient: 1/7d\n") as rt:
         assert rt.config is not None
         campaign = CAMPAIGN.format(name="rappel").replace("category: service", "category: information")
         campaign = campaign.replace(
@@ -264,6 +255,9 @@ def screened_split(
         rows = people(6_000).splitlines()
         (folder / "prior.csv").write_text("\n".join(rows[:1] + rows[1::7]) + "\n", encoding="utf-8")
         (folder / "prior.yaml").write_text(campaign.replace("people.csv", "prior.csv"), encoding="utf-8")
+        (folder / "other.csv").write_text("\n".join(rows[:1] + rows[2::11]) + "\n", encoding="utf-8")
+        other = campaign.replace("people.csv", "other.csv").replace("name: rappel", "name: autre")
+        (folder / "other.yaml").write_text(other, encoding="utf-8")
         key = rt.config.secret_key()
         now = datetime.now(UTC)
         rt.ledger.suppress(
@@ -282,6 +276,7 @@ def screened_split(
         )
         sequential(monkeypatch)
         prior, _ = split(rt, folder, "prior", parallel=False)  # still queued: its recipients count as reached
+        split(rt, folder, "other", parallel=False)  # another campaign: counts for the per-recipient cap
         monkeypatch.setattr(launching, "PARALLEL_MIN_BYTES", 0 if parallel else 1 << 62)
         started: list[object] = []
         real_start = launching._Readers.start
@@ -306,30 +301,14 @@ def screened_split(
             )
         )
         return counts, stored(url, done.run.id)[1:], [s for _, s in queued], prior.recipients
-    finally:
-        rt.close()
 
 
 def test_a_split_in_several_processes_applies_the_suppression_list_and_exclude_reached_as_one_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_chunks: None
 ) -> None:
-    with psycopg.connect(PG_URL, autocommit=True) as admin:
-        schemas = [f"split_{secrets.token_hex(6)}" for _ in range(2)]
-        for schema in schemas:
-            admin.execute(f"CREATE SCHEMA {schema}")
-        try:
-            par, seq = (
-                screened_split(
-                    tmp_path,
-                    f"{PG_URL}?options=-csearch_path%3D{schema}",
-                    parallel=p,
-                    monkeypatch=monkeypatch,
-                )
-                for schema, p in zip(schemas, (True, False), strict=True)
-            )
-        finally:
-            for schema in schemas:
-                admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    with throwaway_schema("split") as par_url, throwaway_schema("split") as seq_url:
+        par = screened_split(tmp_path, par_url, parallel=True, monkeypatch=monkeypatch)
+        seq = screened_split(tmp_path, seq_url, parallel=False, monkeypatch=monkeypatch)
     assert par == seq
     counts = dict(
         zip(
@@ -338,9 +317,10 @@ def test_a_split_in_several_processes_applies_the_suppression_list_and_exclude_r
             strict=True,
         )
     )
-    assert counts["suppressed"] > 300 and counts["reached"] > 500  # both really happened
+    assert counts["suppressed"] > 300 and counts["reached"] > 500 and counts["capped"] > 300  # all happened
     statuses = {(m[2], m[5], m[8]) for m in par[1][0]}  # channel, status, error code
-    assert ("sms", "suppressed", "opt-out") in statuses and ("sms", "skipped", "reached-recently") in statuses
+    assert {("sms", "suppressed", "opt-out"), ("sms", "skipped", "reached-recently")} <= statuses
+    assert ("sms", "skipped", "frequency-cap") in statuses
 
 
 @needs_services(4)
