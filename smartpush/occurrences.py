@@ -98,12 +98,15 @@ def slots(campaign: Campaign, after: datetime, now: datetime, timezone: str, *, 
     if schedule.cron is None:
         return found
     tz = zone(campaign, timezone)
-    # Walk back from just after now, so a slot exactly at now is included.
+    # Walk back from just after now, so a slot exactly at now is included; in the last second before a
+    # slot that walk starts past it, and a slot still to come is neither launched nor recorded skipped.
     walker = _cron(schedule.cron, (now + timedelta(seconds=1)).astimezone(tz))
     while len(found) < limit:
         slot = walker.get_prev(datetime)
         if slot <= after:
             break
+        if slot > now:
+            continue
         found.append(slot.astimezone(UTC))
     found.reverse()
     return found

@@ -341,6 +341,32 @@ def test_a_new_scheduler_launches_a_slot_just_passed_but_records_nothing_older(t
         assert len(host.rt.ledger.occurrences("rappel")) == 1
 
 
+def test_a_tick_in_the_last_second_before_a_slot_neither_skips_nor_loses_it(tmp_path: Path) -> None:
+    """A tick at 08:59:59.6 (Paris 09:59:59.6) must not take the 10:00 slot for a missed one: it stays
+    to come and the next tick launches it (CI caught a `scheduler --once` at hh:mm:59 that did)."""
+    clock = Clock(utc(2026, 12, 1, 8, 50))
+    write_project(tmp_path / "p", 'cron: "0 * * * *"\ncatch_up: 1h')
+    with hosts(tmp_path / "p", [NoLock()], clock) as (host,):
+        first = host.scheduler.tick()  # seen for the first time: the 09:00 slot, 50 min late
+        assert [(o.key, o.outcome) for o in first] == [("rappel@2026-12-01T09:00", "launched")]
+        clock.now = utc(2026, 12, 1, 8, 59, 59) + timedelta(milliseconds=600)
+        assert host.scheduler.tick() == []  # 10:00 has not come: nothing launched, nothing skipped
+        clock.now = utc(2026, 12, 1, 9, 0, 1)
+        later = host.scheduler.tick()
+        assert [(o.key, o.outcome) for o in later] == [("rappel@2026-12-01T10:00", "launched")]
+        assert [o.outcome for o in host.rt.ledger.occurrences("rappel")] == ["launched", "launched"]
+
+
+def test_a_new_scheduler_in_the_last_second_before_a_slot_launches_the_one_just_passed(
+    tmp_path: Path,
+) -> None:
+    clock = Clock(utc(2026, 12, 1, 8, 59, 59) + timedelta(milliseconds=600))
+    write_project(tmp_path / "p", 'cron: "* * * * *"')
+    with hosts(tmp_path / "p", [NoLock()], clock) as (host,):
+        outcomes = host.scheduler.tick()
+        assert [(o.key, o.outcome) for o in outcomes] == [("rappel@2026-12-01T09:59", "launched")]
+
+
 def test_a_broken_campaign_file_is_reported_and_the_others_go_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
