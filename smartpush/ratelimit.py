@@ -61,6 +61,8 @@ HORIZON_SECONDS = 0.2
 #: A reserved unit not used within this long after its moment is given back (its quota refunded)
 #: instead of being sent late next to fresh ones, which would exceed the burst.
 STALE_SECONDS = 0.02
+#: Units an account without rate or quota reserves at a time, beyond the ones waited for.
+UNLIMITED_AHEAD = 128
 #: How long a cluster-wide concurrency slot is held at most when its holder dies without releasing.
 LEASE_MARGIN_SECONDS = 5.0
 #: Waiting for a cluster-wide concurrency slot: first and longest poll interval.
@@ -521,9 +523,12 @@ class AccountLimiter:
         resets = self.exhausted_until()
         if resets is not None:
             raise QuotaExhausted(self.bucket.account, self.bucket.daily_quota or 0, resets)
+        units = max(1, units)
+        if not self._queues and self._take_now(units):
+            return 0.0
         level = PRIORITIES.get(priority, 1)
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(max(1, units), loop.create_future(), tag)
+        waiter = _Waiter(units, loop.create_future(), tag)
         groups = self._queues.setdefault(level, {})
         if group not in groups:
             groups[group] = deque()
@@ -539,6 +544,19 @@ class AccountLimiter:
             if self._on_wait is not None:
                 self._on_wait(waited)
         return waited
+
+    def _take_now(self, units: int) -> bool:
+        """Nobody waits and ``units`` reserved units are due and fresh: take them without a turn (what
+        the pump would do at once, without a future and a wake-up per message)."""
+        stock = self._stock
+        if len(stock) < units:
+            return False
+        now = self.clock()
+        if stock[units - 1] > now or now - stock[0] > STALE_SECONDS or self._paused_until > now:
+            return False
+        for _ in range(units):
+            stock.popleft()
+        return True
 
     def _head(self) -> _Waiter | None:
         """The next waiter: most urgent priority first, round robin between groups (runs)."""
@@ -643,6 +661,10 @@ class AccountLimiter:
             await self._seed(day, wall)
             needed = units - len(self._stock)
             wanted = max(needed, min(self._waiting_units() - len(self._stock), cap))
+            if not bucket.limited:
+                # No rate and no quota: units cost nothing, and the ones not taken within STALE_SECONDS
+                # lapse. Reserving ahead lets the next messages take theirs at once (_take_now).
+                wanted = max(wanted, min(cap, UNLIMITED_AHEAD))
             grant = await self.store.reserve(bucket, wanted, min(wanted, bucket.batch), day)
             self.reservations += 1
             if grant.exhausted:

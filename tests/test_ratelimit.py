@@ -468,3 +468,45 @@ def test_waiters_can_give_their_place_up(clock: FakeClock) -> None:
     given_up, results = run(main())
     assert given_up >= 4  # the first may already have had its turn
     assert sum(isinstance(r, HandedBack) for r in results) == given_up
+
+
+def test_an_account_without_a_rate_sends_one_after_the_other_without_a_reservation_each(
+    store_kind: str, clock: FakeClock
+) -> None:
+    """Messages that come one at a time (a sender per connection) take units reserved ahead: one
+    store round trip for many messages, no wait, and still none after the units lapse unseen."""
+
+    async def main() -> None:
+        store = make_store(store_kind, clock, "t-ahead")
+        lim = limiter(Bucket("sms", None), store, clock)
+        waited = [await lim.acquire() for _ in range(100)]
+        assert waited == [0.0] * 100
+        assert lim.reservations == 1  # 100 messages at the same moment: one reservation ahead of them
+        clock.t += 1.0  # the units left over lapse (STALE_SECONDS): the next message asks the store again
+        await lim.acquire()
+        assert lim.reservations == 2
+        await store.close()
+
+    run(main())
+
+
+def test_an_account_without_a_rate_still_pauses_in_every_process(store_kind: str, clock: FakeClock) -> None:
+    """Units reserved ahead never let a message through a pause: not in the process that was
+    throttled (its units are dropped), not in another one once its own have lapsed."""
+
+    async def main() -> None:
+        store = make_store(store_kind, clock, "t-ahead-pause")
+        bucket = Bucket("sms", None)
+        one, two = limiter(bucket, store, clock), limiter(bucket, store, clock)
+        await one.acquire()
+        await two.acquire()
+        paused_at = clock()
+        await one.pause(5.0)  # a 429 with Retry-After: 5
+        clock.t += 0.5  # the other process's units lapse: its next message waits for the end too
+        await two.acquire()
+        assert clock() >= paused_at + 5.0 - 1e-6
+        await one.acquire()
+        assert clock() >= paused_at + 5.0 - 1e-6
+        await store.close()
+
+    run(main())
