@@ -566,17 +566,28 @@ async def _send_all(
     recorder = _recorder(rt)
     watcher = asyncio.ensure_future(handback.watch(rt, should_yield)) if should_yield is not None else None
 
-    async def one(message: MessageRecord) -> Result:
-        result = await _send_one(rt, prepared, evaluator, message, handback)
-        if mark is not None:
-            result = mark([result])[0]
-        recorder.add(run, message, result)
-        return result
+    outcomes: list[Result | BaseException | None] = [None] * len(batch)
+    queue = iter(range(len(batch)))
 
-    try:
+    async def sender() -> None:
         # Every message's send runs to its end even when one fails unexpectedly, so that what the
         # others handed to the provider is recorded before the failure is raised.
-        outcomes = await asyncio.gather(*(one(m) for m in batch), return_exceptions=True)
+        for i in queue:
+            message = batch[i]
+            try:
+                result = await _send_one(rt, prepared, evaluator, message, handback)
+                if mark is not None:
+                    result = mark([result])[0]
+            except Exception as exc:
+                outcomes[i] = exc
+                continue
+            recorder.add(run, message, result)
+            outcomes[i] = result
+
+    try:
+        # As many senders as the batch's accounts have connections, not a task per message: the
+        # others would only queue for a connection, each with its own task and future.
+        await asyncio.gather(*(sender() for _ in range(min(len(batch), _senders(rt, prepared, batch)))))
     finally:
         if watcher is not None:
             watcher.cancel()
@@ -585,6 +596,14 @@ async def _send_all(
         if isinstance(outcome, BaseException):
             raise outcome  # the segment fails; the message it concerns is left to the sweeper
     return [o for o in outcomes if isinstance(o, Result)], handback.on
+
+
+def _senders(rt: Runtime, prepared: PreparedCampaign, batch: list[MessageRecord]) -> int:
+    """How many of a batch's messages may be in flight at once: the connections of the accounts of the
+    batch's channels."""
+    channels = {m.channel_index for m in batch}
+    accounts = {account for i in channels for account in prepared.channels[i].providers}
+    return max(1, sum(rt.limiter(account).concurrency for account in accounts))
 
 
 def _unsubscribe_url(rt: Runtime, prepared: PreparedCampaign, message: MessageRecord) -> str | None:

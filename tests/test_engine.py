@@ -373,9 +373,12 @@ def test_time_spent_waiting_for_the_rate_is_counted_per_provider(
     h = start(harness_factory, make_project(tmp_path, server, rows=30, size=30, sms_rate="20/s"))
     run_id = h.launch()
     h.wait(run_id)
-    # 30 messages at 20/s: two at once (the burst), then one every 50 ms, so the waits add up to
-    # about 0.05 + 0.10 + ... + 1.40 s: 21 s in all, whatever the order.
-    assert waited() - before == pytest.approx(sum(0.05 * i for i in range(1, 29)), rel=0.2)
+    # 30 messages at 20/s: two at once (the burst), then one every 50 ms (message k at (k - 1) * 50 ms).
+    # The account's 10 connections make 10 senders: the first 10 messages wait from the start, each
+    # later one from when its sender's previous message left, 10 units (500 ms) earlier.
+    granted = [0.0] + [0.05 * (k - 1) for k in range(1, 30)]
+    expected = sum(granted[:10]) + sum(granted[k] - granted[k - 10] for k in range(10, 30))
+    assert waited() - before == pytest.approx(expected, rel=0.2)
 
 
 def test_a_daily_quota_counts_what_an_earlier_process_sent_today(
@@ -511,3 +514,35 @@ def test_a_runs_campaign_is_loaded_once_by_the_threads_that_need_it_together(
     for t in threads:
         t.join()
     assert len(loads) == 1 and len(got) == 8 and all(g is got[0] for g in got)
+
+
+def test_a_batch_keeps_one_sender_per_connection_not_a_task_per_message(
+    tmp_path: Path, server: FakeProviderServer, harness_factory: list[Harness]
+) -> None:
+    """300 messages through an account with 4 connections: every one sent once, with a handful of
+    tasks alive on the worker's event loop, not one per message of the batch."""
+    import asyncio
+
+    campaign = make_project(tmp_path, server, rows=300, size=300)
+    config = tmp_path / "smartpush.yaml"
+    config.write_text(
+        config.read_text(encoding="utf-8").replace("sender: MAIRIE", "sender: MAIRIE\n    concurrency: 4"),
+        encoding="utf-8",
+    )
+    server.delay_s = 0.005
+    h = start(harness_factory, campaign, threads=1)
+    run_id = h.launch()
+    most = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        loop = h.engine.rt._loop
+        if loop is not None:
+            most = max(most, len(asyncio.all_tasks(loop.loop)))
+        run = h.ledger.get_run(run_id)
+        if run is not None and run.state is RunState.FINISHED:
+            break
+        time.sleep(0.01)
+    assert h.statuses(run_id) == {"sms": {"sent": 300}, "email": {"skipped": 300}}
+    assert sorted(server.requests_per_key().values()) == [1] * 300
+    # 4 senders, the batch itself, the results writer, a rate-limit pump, a run-state read: not 200+
+    assert 4 <= most <= 12, most
