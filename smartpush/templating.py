@@ -14,6 +14,7 @@ The names in :data:`PROVIDED_NAMES` are not columns: the caller puts them in the
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import functools
 import os
@@ -23,6 +24,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from dataclasses import field as dc_field
+from decimal import Decimal
 from pathlib import Path, PurePosixPath
 from types import CodeType
 from typing import Any
@@ -35,6 +37,7 @@ from jinja2.meta import find_undeclared_variables
 from jinja2.parser import Parser
 from jinja2.runtime import Context, Undefined, new_context
 from jinja2.sandbox import MAX_RANGE, SandboxedEnvironment
+from markupsafe import Markup, escape
 
 from smartpush.errors import Problem, TemplateError
 from smartpush.filters import Filters
@@ -398,6 +401,81 @@ def _context(template: Template, parent: dict[str, Any]) -> Context:
     return new_context(template.environment, template.name, template.blocks, parent, True, None, None)
 
 
+#: Value types a plain template outputs without Jinja (exact types: a subclass may change ``str()``). A
+#: ``jinja2.Undefined``, the ``missing`` marker, a function or any other object goes through Jinja.
+_PLAIN_VALUES: frozenset[type] = frozenset(
+    {str, Markup, int, float, bool, type(None), list, tuple, dict, Decimal, dt.datetime, dt.date, dt.time}
+)
+#: Names a template's top level does not look up in the context (``{{ self }}`` is the template).
+_SPECIAL_NAMES = frozenset({"self"})
+_ABSENT = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Plain:
+    """A template that is only text and ``{{ name }}`` outputs, rendered without a Jinja context.
+
+    Building a Jinja context per row costs more than rendering a short SMS body. This does what the
+    compiled template does for such a template: each value through :func:`_finalize`, then ``str()``
+    (text) or ``escape()`` (HTML), between the texts as the lexer left them.
+    """
+
+    first: str  # the text before the first output
+    outputs: tuple[tuple[str, str], ...]  # (name, the text after it)
+    convert: Callable[[Any], str]  # str, or markupsafe.escape when the environment autoescapes
+
+    def render(self, context: Mapping[str, Any], globals_: Mapping[str, Any]) -> str | None:
+        """The output, or None when Jinja must render instead: a name is missing or not a plain value,
+        anything raises, or the output is too long. None is never a guess: Jinja gives the error."""
+        if type(context) is not dict:  # a Mapping of another kind may look names up its own way
+            return None
+        convert, out = self.convert, [self.first]
+        size = len(self.first)
+        try:
+            for name, text in self.outputs:
+                value = context[name] if name in context else globals_.get(name, _ABSENT)
+                if type(value) not in _PLAIN_VALUES:
+                    return None
+                shown = convert(_finalize(value))
+                size += len(shown) + len(text)
+                out.append(shown)
+                out.append(text)
+        except Exception:  # e.g. a list nested too deeply for str()
+            return None
+        return None if size > MAX_TEXT else "".join(out)  # measured before it is built, as Jinja does
+
+
+def _plain(env: Environment, ast: nodes.Template, template: Template) -> _Plain | None:
+    """A :class:`_Plain` for ``template`` when its ``ast`` is only text and ``{{ name }}`` outputs.
+
+    ``ast`` must be the template's: a file's text is read again to parse it, and a template already in
+    the environment's cache is not reloaded, so the Python code ``ast`` compiles to must be the
+    template's own, or Jinja renders it.
+    """
+    if type(env.autoescape) is not bool or env.finalize is not _finalize:
+        return None
+    parts = [""]
+    for output in ast.body:
+        if type(output) is not nodes.Output:
+            return None
+        for node in output.nodes:
+            if type(node) is nodes.TemplateData:
+                parts[-1] += node.data
+            elif type(node) is nodes.Name and node.ctx == "load" and node.name not in _SPECIAL_NAMES:
+                parts += [node.name, ""]
+            else:
+                return None
+    try:
+        module = env.compile(ast, template.name, template.filename)
+    except Exception:  # it compiled once already; if not again, Jinja renders it
+        return None
+    roots = [c for c in module.co_consts if isinstance(c, CodeType) and c.co_name == "root"]
+    if roots != [getattr(template.root_render_func, "__code__", None)]:
+        return None
+    outputs = tuple(zip(parts[1::2], parts[2::2], strict=True))
+    return _Plain(parts[0], outputs, escape if env.autoescape else str)
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledTemplate:
     """A compiled template, reused for every row."""
@@ -407,9 +485,19 @@ class CompiledTemplate:
     _template: Template = dc_field(repr=False, compare=False)
     _where: _Origin = dc_field(repr=False, compare=False)
     _globals: dict[str, Any] = dc_field(repr=False, compare=False, default_factory=dict)
+    #: Set when the template is only text and ``{{ name }}`` outputs: rendered without Jinja's context.
+    _plain: _Plain | None = dc_field(repr=False, compare=False, default=None)
 
     def render(self, context: Mapping[str, Any]) -> str:
         """Render for one row (plus :data:`PROVIDED_NAMES`); the output is exact, never stripped."""
+        if self._plain is not None:
+            text = self._plain.render(context, self._globals)
+            if text is not None:
+                return text
+        return self._render_jinja(context)
+
+    def _render_jinja(self, context: Mapping[str, Any]) -> str:
+        """:meth:`render` through Jinja: any template, and every error of a plain one."""
         template = self._template
         parent = {**self._globals, **context}
         budget = _BUDGET.set(_Budget())
@@ -517,7 +605,10 @@ class Templates:
             except JinjaSyntaxError as exc:
                 raise TemplateError(self._syntax_problem(exc, origin, at)) from None
         where = self._origin(env, origin, ast, at, inline=not value.endswith(".j2"))
-        return CompiledTemplate(origin, frozenset(where.locations), template, where, dict(template.globals))
+        plain = _plain(env, ast, template)
+        return CompiledTemplate(
+            origin, frozenset(where.locations), template, where, dict(template.globals), plain
+        )
 
     def expression(
         self, source: str, *, field: str, campaign_file: str | None = None, line: int | None = None
