@@ -772,15 +772,17 @@ class AccountLimiter:
 
     # -- concurrency ---------------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    def slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
         """A request in flight: at most ``concurrency`` per process, ``cluster_concurrency`` overall."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.concurrency)
-        async with self._slots:
-            if self.bucket.cluster_concurrency is None:
-                yield
-                return
+        if self.bucket.cluster_concurrency is None:
+            return self._slots  # the semaphore itself: no generator-based context per message
+        return self._cluster_slot(self._slots)
+
+    @contextlib.asynccontextmanager
+    async def _cluster_slot(self, slots: asyncio.Semaphore) -> AsyncIterator[None]:
+        async with slots:
             holder = uuid.uuid4().hex
             poll = SLOT_POLL_MIN_S
             while not await self.store.take_slot(self.bucket, holder):

@@ -141,6 +141,9 @@ class Runtime:
         return loop.run(coro)
 
     def provider(self, account: str) -> Provider:
+        found = self._providers.get(account)  # built once; asked for at every message
+        if found is not None:
+            return found
         with self._lock:
             if account not in self._providers:
                 options = self.config.account(account)
@@ -162,6 +165,9 @@ class Runtime:
 
     def limiter(self, account: str) -> AccountLimiter:
         """The account's pacing in this process (shared with every worker through the limit store)."""
+        found = self._limiters.get(account)  # built once; asked for at every message
+        if found is not None:
+            return found
         with self._lock:
             if account not in self._limiters:
                 from .metrics import RATE_LIMIT_WAIT
