@@ -29,16 +29,19 @@ from sqlalchemy import (
     Column,
     ColumnElement,
     Connection,
+    DateTime,
     Insert,
     Integer,
     String,
     Table,
     and_,
+    any_,
     bindparam,
     func,
     literal,
     or_,
     select,
+    type_coerce,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -324,6 +327,11 @@ _ACTIVE = (Status.CREATED.value, Status.WAITING.value, Status.SENDING.value)
 _UNSENT = (Status.CREATED.value, Status.WAITING.value)
 #: Ids per ``IN (...)`` list: SQLite builds before 3.32 allow only 999 bound variables a statement.
 _IN_CHUNK = 500
+#: Ids per array parameter on PostgreSQL (``= ANY(%(ids)s)``, see :func:`_in`): a worker's batch is one
+#: statement; the bound only keeps a huge call from locking or sending everything at once.
+_ARRAY_CHUNK = 10_000
+#: The type of the array parameters of :func:`_in` (every column looked up by a list is a string).
+_STRING_ARRAY = postgresql.ARRAY(String)
 #: Rows per page of :meth:`Ledger.messages`: a query's cost is amortised, memory stays small.
 _STREAM_BATCH = 5_000
 #: A shorter id prefix matches too many runs to be a safe way to name one.
@@ -339,6 +347,24 @@ _STATUSES = {status.value: status for status in Status}
 _RUN_FIELDS = tuple(f.name for f in fields(RunRecord))
 _MESSAGE_COLUMNS = tuple(
     messages_t.c[f.name] for f in fields(MessageRecord) if f.name not in ("line", "context")
+)
+#: The columns :meth:`Ledger.due` reads, in the order :func:`_due_records` takes them: a message's but
+#: those its WHERE clause fixes (run, segment, status), then its recipient's line and context. Times
+#: come as the driver gives them (plain DateTime): _due_records makes those that are set aware UTC as
+#: UTCDateTime does, without UTCDateTime's two calls per value for the many that are NULL.
+_DUE_COLUMNS = (
+    *(
+        type_coerce(messages_t.c[name], DateTime(timezone=True))
+        if isinstance(messages_t.c[name].type, UTCDateTime)
+        else messages_t.c[name]
+        for name in (
+            *("id", "recipient_id", "channel", "channel_index", "provider", "attempts", "address"),
+            *("next_attempt_at", "provider_reference", "error_code", "error_text", "created_at"),
+            *("sending_at", "sent_at", "delivered_at", "final_at", "bypassed"),
+        )
+    ),
+    recipients_t.c.line,
+    recipients_t.c.context,
 )
 _RECIPIENT_KEYS = ("run_id", "recipient_id", "segment", "line", "context")
 _MESSAGE_KEYS = (
@@ -382,6 +408,7 @@ class Ledger:
         self._url = url
         self._engine, memory = make_engine(url)
         self._postgresql = self._engine.dialect.name == "postgresql"
+        self._chunk = _chunk_size(self._postgresql)  # ids per statement of a lookup by list (see _in)
         self._where = self._engine.url.render_as_string(hide_password=True)
         # A datetime in the driver's form, for the bulk inserts that bypass SQLAlchemy's processing.
         stamp = UTCDateTime().bind_processor(self._engine.dialect)
@@ -768,7 +795,7 @@ class Ledger:
         once purged); the records of one recipient share one ``context`` dict: do not change it.
         """
         stmt = (
-            select(*_MESSAGE_COLUMNS, recipients_t.c.line, recipients_t.c.context)
+            select(*_DUE_COLUMNS)
             .join_from(messages_t, recipients_t, _JOIN)
             .where(
                 messages_t.c.run_id == run_id,
@@ -782,8 +809,7 @@ class Ledger:
         )
         with self._tx(write=False) as conn:
             rows = conn.execute(stmt).all()
-        contexts: dict[str | None, dict[str, Any] | None] = {}
-        return [_message_from(row, contexts) for row in rows]
+        return _due_records(rows, run_id, segment)
 
     def claim(self, message_ids: Sequence[str], now: datetime) -> set[str]:
         """Move ``created`` → ``sending``; returns the ids this caller won (others were taken).
@@ -792,10 +818,14 @@ class Ledger:
         another worker) is not claimed either.
         """
         won: set[str] = set()
-        for chunk in _chunks(sorted(set(message_ids))):  # one lock order for every claimer
+        for chunk in _chunks(sorted(set(message_ids)), self._chunk):  # one lock order for every claimer
             stmt = (
                 update(messages_t)
-                .where(messages_t.c.id.in_(chunk), messages_t.c.status == Status.CREATED.value, _is_due(now))
+                .where(
+                    _in(messages_t.c.id, chunk, self._postgresql),
+                    messages_t.c.status == Status.CREATED.value,
+                    _is_due(now),
+                )
                 .values(status=Status.SENDING.value, sending_at=now, updated_at=now)
                 .returning(messages_t.c.id)
             )
@@ -889,12 +919,13 @@ class Ledger:
             .scalar_subquery()
         )
         changed = 0
-        for chunk in _chunks(sorted(set(recipient_ids))):
+        postgresql = conn.dialect.name == "postgresql"
+        for chunk in _chunks(sorted(set(recipient_ids)), _chunk_size(postgresql)):
             stmt = (
                 update(messages_t)
                 .where(
                     messages_t.c.run_id == run_id,
-                    messages_t.c.recipient_id.in_(chunk),
+                    _in(messages_t.c.recipient_id, chunk, postgresql),
                     messages_t.c.status == Status.WAITING.value,
                     messages_t.c.channel_index == first_waiting,
                 )
@@ -913,12 +944,13 @@ class Ledger:
         conn: Connection, run_id: str, recipient_ids: Sequence[str], reason: str, now: datetime
     ) -> int:
         changed = 0
-        for chunk in _chunks(sorted(set(recipient_ids))):
+        postgresql = conn.dialect.name == "postgresql"
+        for chunk in _chunks(sorted(set(recipient_ids)), _chunk_size(postgresql)):
             stmt = (
                 update(messages_t)
                 .where(
                     messages_t.c.run_id == run_id,
-                    messages_t.c.recipient_id.in_(chunk),
+                    _in(messages_t.c.recipient_id, chunk, postgresql),
                     messages_t.c.status == Status.WAITING.value,
                 )
                 .values(status=Status.SKIPPED.value, error_text=reason, final_at=now, updated_at=now)
@@ -1158,11 +1190,15 @@ class Ledger:
         )
         out: dict[str, int] = {}
         with self._tx(write=False) as conn:
-            for some_runs in _chunks(runs, _IN_CHUNK // 2):
-                for ids in _chunks(recipient_ids, _IN_CHUNK):
+            for some_runs in _chunks(runs, self._chunk // 2):
+                for ids in _chunks(recipient_ids, self._chunk):
                     stmt = (
                         select(m.recipient_id, func.count(m.run_id.distinct()))
-                        .where(m.run_id.in_(some_runs), m.recipient_id.in_(ids), reach)
+                        .where(
+                            _in(m.run_id, some_runs, self._postgresql),
+                            _in(m.recipient_id, ids, self._postgresql),
+                            reach,
+                        )
                         .group_by(m.recipient_id)
                     )
                     for rid, n in conn.execute(stmt):
@@ -1464,12 +1500,16 @@ class Ledger:
                 return result
             applied: list[dict[str, Any]] = []
             r = receipts_t.c
-            for chunk in _chunks(sorted(found)):
+            for chunk in _chunks(sorted(found), self._chunk):
                 waiting = (
                     select(
                         r.id, r.reference, r.status, r.error_code, r.error_text, r.occurred_at, r.received_at
                     )
-                    .where(r.provider == provider, r.reference.in_(chunk), r.message_id.is_(None))
+                    .where(
+                        r.provider == provider,
+                        _in(r.reference, chunk, self._postgresql),
+                        r.message_id.is_(None),
+                    )
                     .order_by(r.id)
                 )
                 for rid, reference, status, code, text, occurred, received in conn.execute(waiting):
@@ -1499,12 +1539,14 @@ class Ledger:
         """The messages of ``provider`` carrying these references, locked, by reference."""
         m = messages_t.c
         found: dict[str, list[MessageState]] = {}
-        for chunk in _chunks(sorted(set(references))):
+        for chunk in _chunks(sorted(set(references)), self._chunk):
             stmt = (
                 select(m.provider_reference, m.id, m.status, m.channel, m.address, m.sent_at, m.delivered_at)
                 .add_columns(m.error_code, m.error_text)
                 .where(
-                    m.provider == provider, m.provider_reference.in_(chunk), m.provider_reference.is_not(None)
+                    m.provider == provider,
+                    _in(m.provider_reference, chunk, self._postgresql),
+                    m.provider_reference.is_not(None),
                 )
                 .order_by(m.id)
                 .with_for_update()
@@ -1566,11 +1608,11 @@ class Ledger:
         ids = sorted(set(message_ids))
         try:
             waiting = False
-            for chunk in _chunks(ids):
+            for chunk in _chunks(ids, self._chunk):
                 probe = (
                     select(r.id)
                     .select_from(messages_t.join(receipts_t, join))
-                    .where(m.id.in_(chunk), r.message_id.is_(None))
+                    .where(_in(m.id, chunk, self._postgresql), r.message_id.is_(None))
                     .limit(1)
                 )
                 with self._tx(write=False) as conn:
@@ -1582,13 +1624,13 @@ class Ledger:
             states: dict[str, MessageState] = {}
             with self._tx() as conn:
                 applied: list[dict[str, Any]] = []
-                for chunk in _chunks(ids):
+                for chunk in _chunks(ids, self._chunk):
                     stmt = (
                         select(r.id, r.status, r.error_code, r.error_text, r.occurred_at, r.received_at)
                         .add_columns(m.id, m.status, m.channel, m.address, m.sent_at, m.delivered_at)
                         .add_columns(m.error_code, m.error_text)
                         .select_from(messages_t.join(receipts_t, join))
-                        .where(m.id.in_(chunk), r.message_id.is_(None))
+                        .where(_in(m.id, chunk, self._postgresql), r.message_id.is_(None))
                         .order_by(m.id, r.id)
                         .with_for_update(of=messages_t)
                     )
@@ -1618,11 +1660,11 @@ class Ledger:
         from .metrics import MESSAGES
 
         labels: dict[str, tuple[str, str]] = {}
-        for chunk in _chunks([s.id for s in moved]):
+        for chunk in _chunks([s.id for s in moved], self._chunk):
             stmt = (
                 select(messages_t.c.id, runs_t.c.campaign, messages_t.c.provider)
                 .join_from(messages_t, runs_t, messages_t.c.run_id == runs_t.c.id)
-                .where(messages_t.c.id.in_(chunk))
+                .where(_in(messages_t.c.id, chunk, self._postgresql))
             )
             with self._tx(write=False) as conn:
                 labels.update({mid: (campaign, provider) for mid, campaign, provider in conn.execute(stmt)})
@@ -1672,12 +1714,12 @@ class Ledger:
                     stricter.setdefault((channel, e.reason, e.source, e.created_at), []).append(address_hash)
             made_stricter = 0
             for (channel, reason, source, created_at), hashes in stricter.items():
-                for chunk in _chunks(hashes):
+                for chunk in _chunks(hashes, self._chunk):
                     stmt = (
                         update(suppressions_t)
                         .where(
                             columns.channel == channel,
-                            columns.address_hash.in_(chunk),
+                            _in(columns.address_hash, chunk, self._postgresql),
                             columns.reason.in_(list(yielding)),
                         )
                         .values(reason=reason, source=source, created_at=created_at)
@@ -1692,25 +1734,16 @@ class Ledger:
     def suppression_reasons(self, channel: str, address_hashes: Collection[str]) -> dict[str, str]:
         """The reason of each of these keyed address hashes on the channel's list (absent: not on it).
 
-        One query (SQLite: one per 500 hashes), on the primary key: the check before each batch of
-        sends, and at launch per batch of the split.
+        One query (SQLite: one per 500 hashes; PostgreSQL: per 10,000, one array parameter), on the
+        primary key: the check before each batch of sends, and at launch per batch of the split. On
+        PostgreSQL 2,000 hashes cost one query and one scan, where IN lists of 500 cost four of each
+        (98 ms against 15 ms against a list of 100,000 entries).
         """
         found: dict[str, str] = {}
         columns = suppressions_t.c
-        if self._postgresql and address_hashes:
-            # One array parameter: 2,000 hashes cost one query and one scan, where IN lists of 500
-            # cost four of each (98 ms against 15 ms against a list of 100,000 entries).
-            from sqlalchemy import any_
-
-            hashes = bindparam("hashes", sorted(set(address_hashes)), type_=postgresql.ARRAY(String))
+        for chunk in _chunks(sorted(set(address_hashes)), self._chunk):
             stmt = select(columns.address_hash, columns.reason).where(
-                columns.channel == channel, columns.address_hash == any_(hashes)
-            )
-            with self._tx(write=False) as conn:
-                return {h: r for h, r in conn.execute(stmt)}
-        for chunk in _chunks(sorted(set(address_hashes))):
-            stmt = select(columns.address_hash, columns.reason).where(
-                columns.channel == channel, columns.address_hash.in_(chunk)
+                columns.channel == channel, _in(columns.address_hash, chunk, self._postgresql)
             )
             with self._tx(write=False) as conn:
                 found.update((h, r) for h, r in conn.execute(stmt))
@@ -1734,9 +1767,9 @@ class Ledger:
         removed = 0
         columns = suppressions_t.c
         with self._tx() as conn:
-            for chunk in _chunks(sorted(set(address_hashes))):
+            for chunk in _chunks(sorted(set(address_hashes)), self._chunk):
                 stmt = suppressions_t.delete().where(
-                    columns.channel == channel, columns.address_hash.in_(chunk)
+                    columns.channel == channel, _in(columns.address_hash, chunk, self._postgresql)
                 )
                 removed += conn.execute(stmt).rowcount
         return removed
@@ -1801,13 +1834,16 @@ class Ledger:
         found: dict[str, MessageRecord] = {}
         accounts = sorted(set(providers))
         with self._tx(write=False) as conn:
-            for chunk in _chunks(sorted(set(message_ids))):
-                rows = conn.execute(select(*_MESSAGE_COLUMNS).where(messages_t.c.id.in_(chunk)))
+            for chunk in _chunks(sorted(set(message_ids)), self._chunk):
+                rows = conn.execute(
+                    select(*_MESSAGE_COLUMNS).where(_in(messages_t.c.id, chunk, self._postgresql))
+                )
                 found.update((r.id, r) for r in (_message_from(row, None) for row in rows))
             if accounts:
-                for chunk in _chunks(sorted(set(references))):
+                for chunk in _chunks(sorted(set(references)), self._chunk):
                     stmt = select(*_MESSAGE_COLUMNS).where(
-                        messages_t.c.provider.in_(accounts), messages_t.c.provider_reference.in_(chunk)
+                        messages_t.c.provider.in_(accounts),
+                        _in(messages_t.c.provider_reference, chunk, self._postgresql),
                     )
                     found.update((r.id, r) for r in (_message_from(row, None) for row in conn.execute(stmt)))
         return list(found.values())
@@ -1825,10 +1861,13 @@ class Ledger:
             return changed
         with self._tx() as conn:
             for (code, text), ids in sorted(by_error.items()):
-                for chunk in _chunks(sorted(ids)):
+                for chunk in _chunks(sorted(ids), self._chunk):
                     stmt = (
                         update(messages_t)
-                        .where(messages_t.c.id.in_(chunk), messages_t.c.status == Status.SENT.value)
+                        .where(
+                            _in(messages_t.c.id, chunk, self._postgresql),
+                            messages_t.c.status == Status.SENT.value,
+                        )
                         .values(
                             status=Status.PERMANENT_FAILURE.value,
                             error_code=code,
@@ -1897,6 +1936,26 @@ def _chunks(items: Sequence[T], size: int = _IN_CHUNK) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
+def _chunk_size(postgresql: bool) -> int:
+    """How many values one condition of :func:`_in` takes on this database."""
+    return _ARRAY_CHUNK if postgresql else _IN_CHUNK
+
+
+def _in(column: ColumnElement[str], values: Sequence[str], postgresql: bool) -> ColumnElement[bool]:
+    """``column`` is one of ``values`` (at most :func:`_chunk_size` of them).
+
+    PostgreSQL: ``column = ANY(%(param)s::VARCHAR[])``, one array parameter, so the SQL text is the
+    same short one whatever the count: SQLAlchemy and psycopg reuse their compiled form of it (an
+    ``IN`` list of 500 placeholders was expanded by SQLAlchemy, then parsed again by psycopg, at every
+    call: about 3 ms of a worker's CPU per 500 ids). The server turns an ``IN`` list into
+    ``= ANY(ARRAY[...])`` itself, so the plans are those of an ``IN`` list of the same length (the
+    primary key's index for a claim or a suppression lookup). SQLite has no arrays: an ``IN`` list.
+    """
+    if postgresql:
+        return column == any_(bindparam(None, list(values), type_=_STRING_ARRAY))
+    return column.in_(values)
+
+
 #: One encoder for every row: json.dumps with options builds a new JSONEncoder at each call.
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
@@ -1916,6 +1975,87 @@ def _run_from(row: RowMapping) -> RunRecord:
     return RunRecord(**values)
 
 
+def _due_records(rows: Sequence[Row[*tuple[Any, ...]]], run_id: str, segment: int) -> list[MessageRecord]:
+    """The records of :meth:`Ledger.due`'s rows (``_DUE_COLUMNS``): the worker reads every message it
+    sends through here, so it does no more per row than it must."""
+    contexts: dict[str | None, dict[str, Any] | None] = {}
+    records: list[MessageRecord] = []
+    append = records.append
+    created = Status.CREATED
+    for (
+        message_id,
+        recipient_id,
+        channel,
+        channel_index,
+        provider,
+        attempts,
+        address,
+        next_attempt_at,
+        provider_reference,
+        error_code,
+        error_text,
+        created_at,
+        sending_at,
+        sent_at,
+        delivered_at,
+        final_at,
+        bypassed,
+        line,
+        text,
+    ) in rows:
+        if text in contexts:
+            context = contexts[text]
+        else:
+            context = contexts[text] = None if text is None else _json_loads(text)
+        append(  # positional, in the field order (keywords cost twice as much)
+            MessageRecord(
+                message_id,
+                run_id,
+                recipient_id,
+                segment,
+                channel,
+                channel_index,
+                provider,
+                created,
+                attempts,
+                address,
+                None if next_attempt_at is None else _utc(next_attempt_at),
+                provider_reference,
+                error_code,
+                error_text,
+                # NOT NULL: _utc's expression inline, as it runs for every row
+                created_at.replace(tzinfo=UTC) if created_at.tzinfo is None else created_at.astimezone(UTC),
+                None if sending_at is None else _utc(sending_at),
+                None if sent_at is None else _utc(sent_at),
+                None if delivered_at is None else _utc(delivered_at),
+                None if final_at is None else _utc(final_at),
+                bypassed,
+                line,
+                context,
+            )
+        )
+    return records
+
+
+def _utc(value: datetime) -> datetime:
+    """A time as the driver read it, made what UTCDateTime.process_result_value makes it: aware UTC
+    (SQLite's come naive, in UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+_RAW_DECODE = json.JSONDecoder().raw_decode
+
+
+def _json_loads(text: str) -> Any:
+    """``json.loads(text)``, about twice as fast on what the ledger writes (nothing around the value):
+    the rest (whitespace around it, or an error) goes to json.loads itself."""
+    try:
+        value, end = _RAW_DECODE(text)
+    except ValueError:
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
+
+
 def _message_from(
     row: Row[*tuple[Any, ...]], contexts: dict[str | None, dict[str, Any] | None] | None
 ) -> MessageRecord:
@@ -1928,6 +2068,6 @@ def _message_from(
     if contexts is not None:
         text: str | None = record.context  # type: ignore[assignment]  # still the stored JSON text
         if text not in contexts:
-            contexts[text] = None if text is None else json.loads(text)
+            contexts[text] = None if text is None else _json_loads(text)
         record.context = contexts[text]
     return record

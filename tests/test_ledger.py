@@ -882,3 +882,148 @@ def test_sqlite_writers_in_many_threads_never_see_a_locked_database(tmp_path: Pa
 def test_final_statuses_are_those_of_the_spec() -> None:
     assert Status.CREATED not in FINAL
     assert {Status.SENT, Status.DELIVERED, Status.EXPIRED, Status.CANCELLED} <= FINAL
+
+
+# Lookups by list: IN lists on SQLite, one array parameter on PostgreSQL ------------------------------
+def test_a_claim_of_thousands_of_ids_wins_exactly_the_created_and_due_ones(ledger: Ledger) -> None:
+    run = make_run(ledger)
+    ids = [m.id for m in fill(ledger, run, 850, segment_size=1000)]  # 2,550 messages, all created
+    t = now()
+    busy = ids[:300]
+    assert ledger.claim(busy, t) == set(busy)
+    later, ready = busy[:100], busy[100:200]  # retries: not due yet, due already; busy[200:] stay sending
+    ledger.record(
+        [Result(i, Status.CREATED, next_attempt_at=t + timedelta(hours=1)) for i in later]
+        + [Result(i, Status.CREATED, next_attempt_at=t - timedelta(minutes=1)) for i in ready],
+        t,
+    )
+    other = make_run(ledger)
+    fallback = fill(ledger, other, 100, fallback=True)  # 100 created, 200 waiting
+    asked = [*ids, *(m.id for m in fallback), "no-such-message", "zzz-not-there-either"]
+    assert len(asked) > 2_500
+    expected = {*ids[300:], *ready, *(m.id for m in fallback if m.status == Status.CREATED)}
+    won = ledger.claim(list(reversed(asked)), t)
+    assert won == expected
+    assert ledger.claim(asked, t) == set()
+    stored = {**by_id(ledger, run), **by_id(ledger, other)}
+    assert {i for i, m in stored.items() if m.status == Status.SENDING} == won | set(busy[200:])
+    assert {stored[i].sending_at for i in won} == {t}
+
+
+def test_a_suppression_lookup_of_thousands_of_hashes(ledger: Ledger) -> None:
+    from smartpush.ledger import Suppression
+
+    t = now()
+    listed = [f"h{i:05d}" for i in range(1_200)]
+    reasons = ("opt-out", "hard-bounce", "complaint")
+    entries = [Suppression("sms", h, reasons[i % 3], "test", t) for i, h in enumerate(listed)]
+    entries += [Suppression("email", h, "manual", "test", t) for h in listed[:700]]
+    assert ledger.suppress(entries) == 1_900
+    asked = [f"h{i:05d}" for i in range(2_500)]
+    assert ledger.suppression_reasons("sms", asked) == {h: reasons[i % 3] for i, h in enumerate(listed)}
+    assert ledger.suppressed("email", asked) == set(listed[:700])
+    assert ledger.suppressed("push", asked) == set()
+    # Made stricter in bulk: an opt-out gives way to a hard bounce (the hashes in three IN lists)
+    opted_out = [h for i, h in enumerate(listed) if i % 3 != 1]
+    assert ledger.suppress([Suppression("sms", h, "hard-bounce", "test", t) for h in listed]) == len(
+        opted_out
+    )
+    assert set(ledger.suppression_reasons("sms", asked).values()) == {"hard-bounce"}
+    assert ledger.unsuppress("sms", asked[:1_100]) == 1_100
+    assert ledger.suppressed("sms", asked) == set(listed[1_100:])
+
+
+def test_receipts_waiting_for_more_sends_than_one_lookup_holds_are_applied(ledger: Ledger) -> None:
+    from smartpush.provider import Receipt
+    from smartpush.receipts import IncomingReceipt
+
+    run = make_run(ledger)
+    ids = sorted(m.id for m in fill(ledger, run, 1_200, segment_size=2_000, channels=("sms",)))
+    t = now()
+    assert ledger.claim(ids, t) == set(ids)
+    # Receipts only for the sends after the first 1,000 ids: on SQLite, in the third IN list of 500
+    early = set(ids[1_000:])
+    stored = ledger.store_receipts(
+        [IncomingReceipt("sms-main", Receipt(f"ref-{i}", "delivered"), t) for i in sorted(early)], t
+    )
+    assert all(s.message is None for s in stored)
+    ledger.record([Result(i, Status.SENT, provider_reference=f"ref-{i}") for i in ids], t)
+    statuses = {i: m.status for i, m in by_id(ledger, run).items()}
+    assert {i for i, s in statuses.items() if s == Status.DELIVERED} == early
+    assert {i for i, s in statuses.items() if s == Status.SENT} == set(ids) - early
+    assert [r.applied_at for r in ledger.message_receipts(ids[-1])] == [t]
+
+
+def test_due_reads_every_field_as_messages_does(ledger: Ledger, db_url: str) -> None:
+    run = make_run(ledger)
+    messages = fill(ledger, run, 30, segment_size=100)
+    t = now()
+    retried = [m.id for m in messages[::4]]
+    ledger.claim(retried, t)
+    ledger.record(
+        [
+            Result(i, Status.CREATED, provider="sms-backup", error_code="429", error_text="slow down")
+            for i in retried
+        ],
+        t,
+    )
+    # Every time set, and the columns due() does not read from the row but knows
+    sql(
+        db_url,
+        "UPDATE messages SET sent_at = created_at, delivered_at = updated_at, final_at = sending_at, "
+        "provider_reference = 'ref-' || id, bypassed = 'opt-out' "
+        f"WHERE id IN ('{retried[0]}', '{retried[1]}')",
+    )
+    due = ledger.due(run.id, 0, t + timedelta(seconds=1))
+    assert len(due) == 90
+    expected = {m.id: m for m in ledger.messages(run.id, with_context=True)}
+    assert due == [expected[m.id] for m in due]
+    for record in due:
+        assert type(record.status) is Status
+        for name in ("created_at", "sending_at", "sent_at", "delivered_at", "final_at", "next_attempt_at"):
+            value = getattr(record, name)
+            assert value is None or value.tzinfo is UTC
+    assert {type(m.sent_at) for m in due} == {datetime, type(None)}
+    by_line: dict[int | None, list[MessageRecord]] = {}
+    for record in due:
+        by_line.setdefault(record.line, []).append(record)
+    assert all(len({id(m.context) for m in group}) == 1 for group in by_line.values())
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_postgresql_lookups_by_list_are_one_short_statement_whatever_the_count(ledger: Ledger) -> None:
+    """One array parameter (``= ANY``): the same SQL text for 10 ids as for 1,000, which SQLAlchemy and
+    psycopg compile once, where an IN list has a placeholder per id."""
+    from sqlalchemy import event
+
+    seen: list[tuple[str, object]] = []
+
+    def executed(*args: object) -> None:
+        statement, parameters = args[2], args[3]
+        assert isinstance(statement, str)
+        seen.append((statement, parameters))
+
+    event.listen(ledger._engine, "before_cursor_execute", executed)
+    t = now()
+
+    def statements(call: object, n: int) -> list[str]:
+        seen.clear()
+        ids = [f"id-{i:05d}" for i in range(n)]
+        assert callable(call)
+        call(ids)
+        for _statement, parameters in seen:
+            assert isinstance(parameters, dict)
+            lists = [v for v in parameters.values() if isinstance(v, list)]
+            assert lists in ([], [sorted(ids)]), "one array parameter, every id in it"
+        return [statement for statement, _ in seen]
+
+    calls = {
+        "claim": lambda ids: ledger.claim(ids, t),
+        "suppression_reasons": lambda ids: ledger.suppression_reasons("sms", ids),
+        "waiting receipts": lambda ids: ledger._apply_waiting_receipts(ids, t),
+    }
+    for name, call in calls.items():
+        few, many = statements(call, 10), statements(call, 1_000)
+        assert few == many, name
+        assert len(few) == 1 and len(few[0]) < 1_000, name
+        assert "ANY" in few[0], name
