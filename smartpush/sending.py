@@ -137,9 +137,11 @@ def process_segment(
 
     ledger = rt.ledger
     outcome = SegmentOutcome()
+    read_at = time.monotonic()
     run = ledger.get_run(run_id)
     if run is None or run.state not in (RunState.RUNNING, RunState.SPLITTING):
         return outcome  # paused: `resume` enqueues again; cancelled or finished: nothing to do
+    rt.saw_run(run, read_at)
     prepared = rt.campaign(run)
     evaluator = rt.evaluator(run, prepared)
     campaign = prepared.campaign

@@ -77,6 +77,7 @@ def setup() -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         ENGINE.broker.add_middleware(_prometheus())
     ENGINE.start_sweeper()
+    ENGINE.rt.warm_up()
 
 
 # -- metrics --------------------------------------------------------------------------------------------

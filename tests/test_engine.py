@@ -546,3 +546,56 @@ def test_a_batch_keeps_one_sender_per_connection_not_a_task_per_message(
     assert sorted(server.requests_per_key().values()) == [1] * 300
     # 4 senders, the batch itself, the results writer, a rate-limit pump, a run-state read: not 200+
     assert 4 <= most <= 12, most
+
+
+def test_a_worker_process_warms_up_before_its_first_message(
+    tmp_path: Path, server: FakeProviderServer
+) -> None:
+    """What the first message would import (the HTTP client) and start (the event loop
+    thread) is ready once a worker process has set up: its first batch does not wait for imports."""
+    import subprocess
+    import sys
+
+    make_project(tmp_path, server)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from smartpush.config import load_config\n"
+        "from smartpush.runtime import Runtime\n"
+        f"rt = Runtime(load_config(Path({str(tmp_path / 'smartpush.yaml')!r}), env={{}}))\n"
+        "before = {m for m in ('aiohttp',) if m in sys.modules}\n"
+        "rt.warm_up()\n"
+        "after = {m for m in ('aiohttp',) if m in sys.modules}\n"
+        "print(sorted(before), sorted(after), rt._loop is not None and rt._loop.thread.is_alive())\n"
+        "rt.close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split("\n")[0] == "[] ['aiohttp'] True", done.stderr
+
+
+def test_a_segment_s_messages_use_the_run_state_the_segment_just_read(
+    tmp_path: Path,
+    server: FakeProviderServer,
+    harness_factory: list[Harness],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The state a segment reads as it starts (running?) serves its first messages' check too: no
+    second read of the run before the first message leaves."""
+    h = start(harness_factory, make_project(tmp_path, server, rows=5, size=5), threads=1)
+    h.worker.stop()
+    run_id = launch(h.engine.rt, h.prepared, enqueue=lambda run, seg: None).run.id
+    reads: list[str] = []
+    real = h.ledger.get_run
+
+    def counted(rid: str) -> object:
+        reads.append(rid)
+        return real(rid)
+
+    monkeypatch.setattr(h.ledger, "get_run", counted)
+    from smartpush.sending import process_segment
+
+    process_segment(h.engine.rt, lambda run, seg, delay=None: None, run_id, 0)
+    assert h.statuses(run_id)["sms"] == {"sent": 5}
+    assert len(reads) == 2, reads  # the segment's start and its end (is the run finished?)
