@@ -303,6 +303,18 @@ class Outcome:
     all_applied: bool
 
 
+def own_peak_rss_mib(pid: int) -> float | None:
+    """A running process's own peak RSS (``VmHWM``): ``wait4``'s ``ru_maxrss`` would be at least what
+    this process (which wrote the messages) held when it started it."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def spawn(args: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), *args],
@@ -358,6 +370,7 @@ def one_run(
         )
         out, _ = load.communicate(timeout=seconds + 120)
         result = json.loads(out.strip().splitlines()[-1])
+        peak_mib = own_peak_rss_mib(serve.pid)  # before it exits: /proc has it while it runs
         serve.send_signal(signal.SIGTERM)  # as SIGINT, without the KeyboardInterrupt
         _, status, usage = os.wait4(serve.pid, 0)
         serve.returncode = os.waitstatus_to_exitcode(status)
@@ -380,7 +393,7 @@ def one_run(
         p50_ms=result["p50_ms"] or 0.0,
         p99_ms=result["p99_ms"] or 0.0,
         serve_cpu_s=usage.ru_utime + usage.ru_stime,
-        serve_peak_rss_mib=usage.ru_maxrss / 1024,
+        serve_peak_rss_mib=peak_mib if peak_mib is not None else usage.ru_maxrss / 1024,
         statuses={str(k): v for k, v in result["statuses"].items()}
         | {k: v for k, v in result["errors"].items()},
         ledger=counts,
