@@ -49,7 +49,7 @@ from sqlalchemy.engine import Row, RowMapping
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, StatementError
 
 from .errors import InfrastructureError, RunNotFound
-from .ledger_schema import WRITE, UTCDateTime, make_engine, upgrade
+from .ledger_schema import WRITE, UTCDateTime, as_utc, make_engine, upgrade
 from .ledger_schema import messages as messages_t
 from .ledger_schema import occurrences as occurrences_t
 from .ledger_schema import receipts as receipts_t
@@ -350,8 +350,8 @@ _MESSAGE_COLUMNS = tuple(
 )
 #: The columns :meth:`Ledger.due` reads, in the order :func:`_due_records` takes them: a message's but
 #: those its WHERE clause fixes (run, segment, status), then its recipient's line and context. Times
-#: come as the driver gives them (plain DateTime): _due_records makes those that are set aware UTC as
-#: UTCDateTime does, without UTCDateTime's two calls per value for the many that are NULL.
+#: come as the driver gives them (plain DateTime): _due_records makes them aware UTC with UTCDateTime's
+#: own as_utc, without SQLAlchemy's result processing per value.
 _DUE_COLUMNS = (
     *(
         type_coerce(messages_t.c[name], DateTime(timezone=True))
@@ -2003,10 +2003,7 @@ def _due_records(rows: Sequence[Row[*tuple[Any, ...]]], run_id: str, segment: in
         line,
         text,
     ) in rows:
-        if text in contexts:
-            context = contexts[text]
-        else:
-            context = contexts[text] = None if text is None else _json_loads(text)
+        context = _cached_context(text, contexts)
         append(  # positional, in the field order (keywords cost twice as much)
             MessageRecord(
                 message_id,
@@ -2019,28 +2016,21 @@ def _due_records(rows: Sequence[Row[*tuple[Any, ...]]], run_id: str, segment: in
                 created,
                 attempts,
                 address,
-                None if next_attempt_at is None else _utc(next_attempt_at),
+                as_utc(next_attempt_at),
                 provider_reference,
                 error_code,
                 error_text,
-                # NOT NULL: _utc's expression inline, as it runs for every row
-                created_at.replace(tzinfo=UTC) if created_at.tzinfo is None else created_at.astimezone(UTC),
-                None if sending_at is None else _utc(sending_at),
-                None if sent_at is None else _utc(sent_at),
-                None if delivered_at is None else _utc(delivered_at),
-                None if final_at is None else _utc(final_at),
+                as_utc(created_at),
+                as_utc(sending_at),
+                as_utc(sent_at),
+                as_utc(delivered_at),
+                as_utc(final_at),
                 bypassed,
                 line,
                 context,
             )
         )
     return records
-
-
-def _utc(value: datetime) -> datetime:
-    """A time as the driver read it, made what UTCDateTime.process_result_value makes it: aware UTC
-    (SQLite's come naive, in UTC)."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 _RAW_DECODE = json.JSONDecoder().raw_decode
@@ -2067,7 +2057,14 @@ def _message_from(
     record.status = _STATUSES[record.status]
     if contexts is not None:
         text: str | None = record.context  # type: ignore[assignment]  # still the stored JSON text
-        if text not in contexts:
-            contexts[text] = None if text is None else _json_loads(text)
-        record.context = contexts[text]
+        record.context = _cached_context(text, contexts)
     return record
+
+
+def _cached_context(
+    text: str | None, contexts: dict[str | None, dict[str, Any] | None]
+) -> dict[str, Any] | None:
+    """A recipient's stored context, decoded once per batch: its messages share the one dict."""
+    if text not in contexts:
+        contexts[text] = None if text is None else _json_loads(text)
+    return contexts[text]

@@ -794,13 +794,9 @@ async def _send_one(
             return stopped
     try:
         async with limiter.slot():
-            # The rate limit may have held this message for a while: is the run still sending?
-            if not await _still_sending(rt, message.run_id):
-                await limiter.give_back(units)
-                return Result(message.id, Status.CREATED, attempted=False)
-            # Waiting for one of the account's connections, in a large batch: a segment of a higher
-            # priority may have asked for the thread meanwhile.
-            if handback is not None and handback.on:
+            # The rate limit or a connection may have held this message for a while: a segment of a
+            # higher priority may have asked for the thread meanwhile, or the run stopped sending.
+            if (handback is not None and handback.on) or not await _still_sending(rt, message.run_id):
                 await limiter.give_back(units)
                 return Result(message.id, Status.CREATED, attempted=False)
             began = time.monotonic()
